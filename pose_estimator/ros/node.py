@@ -50,6 +50,7 @@ import rclpy.executors
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import String
@@ -298,6 +299,8 @@ class PoseEstimatorNode(Node):
         self.joint_sub = self.create_subscription(JointState, "joint_states", self._on_joint_states,
                                                   sensor_qos(depth=200))
 
+        # Timers run on wall time: with use_sim_time a played recording's /clock jumps by years and loops back.
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         # --- the robot's URDF: file, topic (with a fall-back), or the definition's own
         urdf_file = str(p("urdf_file"))
         self._urdf_timer = None
@@ -312,11 +315,12 @@ class PoseEstimatorNode(Node):
             self.urdf_sub = self.create_subscription(String, "robot_description", self._on_robot_description,
                                                      latched_qos())
             self._urdf_timer = self.create_timer(max(float(p("robot_description_timeout_s")), 1e-3),
-                                                 self._on_urdf_timeout)
+                                                 self._on_urdf_timeout, clock=self._steady)
         else:
             self._build_estimator(None, f"robot definition '{self.definition.name}'", startup=True)
 
-        self.diag_timer = self.create_timer(float(p("diagnostics_period_s")), self._publish_diagnostics)
+        self.diag_timer = self.create_timer(float(p("diagnostics_period_s")), self._publish_diagnostics,
+                                            clock=self._steady)
         self._worker = threading.Thread(target=self._work, name="pose_estimator_worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
@@ -511,6 +515,8 @@ class PoseEstimatorNode(Node):
                 elif frame is not None:
                     self._process(*frame)
             except Exception as e:  # noqa: BLE001 - the worker must survive anything
+                if self._stop or not self.context.ok():
+                    return  # shutting down: publishers are gone, nothing to report
                 with self._lock:
                     self.counters.internal_errors += 1
                     self._last_outcome = ("error", f"internal error: {e!r}")

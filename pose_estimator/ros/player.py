@@ -166,7 +166,7 @@ class BagPlayer:
                 target = t0_wall + (stamp_ns - t0_bag) * 1e-9 / self.rate
                 while True:
                     now = time.monotonic()
-                    if self._stop.is_set() or (end is not None and now >= end):
+                    if self._stop.is_set() or (end is not None and now >= end) or not self.node.context.ok():
                         return
                     if now >= target:
                         break
@@ -220,7 +220,7 @@ def add_play_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def cli_play(args: argparse.Namespace) -> int:
-    """Run ``play`` with parsed ``args``; returns the exit code (0 ok, 1 bad recording, 130 interrupted)."""
+    """Run ``play`` with parsed ``args``; returns the exit code (0 done or interrupted, 1 bad recording, 2 usage)."""
     import rclpy
 
     remap = {}
@@ -237,7 +237,12 @@ def cli_play(args: argparse.Namespace) -> int:
         return 1
     own_context = not rclpy.ok()
     if own_context:
-        rclpy.init(args=None)
+        try:  # Ctrl-C / SIGINT as a plain KeyboardInterrupt, so playback ends cleanly
+            from rclpy.signals import SignalHandlerOptions
+
+            rclpy.init(args=None, signal_handler_options=SignalHandlerOptions.NO)
+        except (ImportError, TypeError):
+            rclpy.init(args=None)
     node = rclpy.create_node("pose_estimator_player")
     code = 0
     try:
@@ -260,9 +265,11 @@ def cli_play(args: argparse.Namespace) -> int:
                   f"at rate {args.rate}{' looping' if args.loop else ''}", file=sys.stderr)
         try:
             stats = player.play(max_loops=args.loops, duration_s=args.duration)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # like `ros2 bag play`: stopping playback is a normal end
             player.stop()
-            return 130
+            if not args.quiet:
+                print(f"play: stopped after {player.stats.messages} messages", file=sys.stderr)
+            return 0
         if not args.quiet:
             print(f"play: published {stats.messages} messages in {stats.duration_s:.1f} s "
                   f"({stats.loops} loop(s))", file=sys.stderr)
