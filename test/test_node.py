@@ -512,8 +512,9 @@ def test_stale_joint_states_give_vision_only_with_inflated_covariance_and_a_warn
     node, feed = bad
     fresh = feed.frame(0, node)
     assert fresh["joint_age_ms"] == 0.0
-    n_poses = len(feed.poses)
     fresh_pose = node.counters.poses_published
+    assert wait_for(lambda: len(feed.poses) == fresh_pose, 5)
+    n_poses = len(feed.poses)
     ns = feed.tick(1.0)  # no joint state for a second
     feed.camera_info(ns)
     stale_before = node.counters.stale_joint_frames

@@ -83,7 +83,7 @@ def test_player_publishes_every_message_unchanged_in_order_with_recorded_timing(
     # Wall times follow the recorded offsets (each message within 100 ms of its slot, on a busy 2-core machine).
     w0 = stamps_pub[0][2]
     lag = [(wall - w0) - (t - first) * 1e-9 / 2.0 for _, t, wall in stamps_pub]
-    assert max(lag) < 0.1 and min(lag) > -1e-3
+    assert max(lag) < 0.1 and min(lag) > -0.02  # (relative to the first publish, which may itself be late)
     assert wait_for(lambda: len(images) == 20 and len(joints) == len(rec_js), 10)
     got = images.snapshot()
     assert [_ns(m.header.stamp) for m in got] == [t for t, _ in rec_img]  # in order, stamps as recorded
