@@ -18,13 +18,14 @@ deviation, never below ``pixel_sigma_floor``), then inflated and floored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 __all__ = ["FiducialGate", "FiducialMeasurement", "measure_fiducial", "board_region_mask", "sharpness",
-           "pose_perturb", "pose_error"]
+           "pose_perturb", "pose_error", "planar_pose_solutions"]
 
 
 @dataclass
@@ -41,14 +42,20 @@ class FiducialGate:
     max_reprojection_rms: float = 0.5
     #: apparent size: square root of the board's projected area (px)
     min_size_px: float = 70.0
-    #: sharpness: variance of the Laplacian inside the board's image region divided by the grey-level
-    #: variance there (1/px^2, scale-free in contrast); blur lowers it roughly as 1/sigma^2
-    min_sharpness: float = 0.12
+    #: sharpness (dimensionless): variance of the Laplacian inside the board's image region over the grey-level
+    #: variance there (contrast-free), times the apparent square size in px (edge density-free). Measured on
+    #: antialiased and on rendered boards alike: ~25-85 sharp, ~10 after a Gaussian blur of 0.75 px, ~5.5 at
+    #: 1 px, ~3.8 at 1.25 px, ~2.8 at 1.5 px
+    min_sharpness: float = 5.0
     #: angle between the board's normal and the line of sight (deg)
     max_view_angle_deg: float = 60.0
+    #: planar pose ambiguity: RMS reprojection error of the other (mirror) IPPE solution over the chosen one's.
+    #: A small board seen nearly face-on fits two poses tilted ~10-40 deg apart almost equally well; the
+    #: covariance (a local figure) cannot see that, this ratio does
+    min_ambiguity_ratio: float = 3.0
     #: predicted 1-sigma end-effector position uncertainty, largest axis (mm): the gate that ties the other
     #: criteria to the accuracy a label needs
-    max_position_sigma_mm: float = 2.0
+    max_position_sigma_mm: float = 8.0
     #: corner noise floor (px) for the covariance, and the factor it is inflated by (model errors)
     pixel_sigma_floor: float = 0.12
     covariance_inflation: float = 1.5
@@ -69,6 +76,7 @@ class FiducialMeasurement:
     size_px: float = float("nan")
     sharpness: float = float("nan")
     view_angle_deg: float = float("nan")
+    ambiguity_ratio: float = float("nan")
     position_sigma_mm: float = float("nan")
     T_camera_board: np.ndarray | None = None
     T_camera_ee: np.ndarray | None = None  # (4, 4)
@@ -80,7 +88,8 @@ class FiducialMeasurement:
 
         return {"detected": self.detected, "accepted": self.accepted, "reasons": list(self.reasons),
                 "corners": self.corners, "reprojection_rms": f(self.reprojection_rms),
-                "size_px": f(self.size_px, 1), "sharpness": f(self.sharpness), "view_angle_deg": f(self.view_angle_deg, 2),
+                "size_px": f(self.size_px, 1), "sharpness": f(self.sharpness, 2), "view_angle_deg": f(self.view_angle_deg, 2),
+                "ambiguity_ratio": f(self.ambiguity_ratio, 2),
                 "position_sigma_mm": f(self.position_sigma_mm, 3)}
 
 
@@ -149,6 +158,26 @@ def _pnp_jacobian(obj_ee: np.ndarray, T_camera_ee: np.ndarray, K: np.ndarray, di
     return J
 
 
+def planar_pose_solutions(obj: np.ndarray, img: np.ndarray, K: np.ndarray, dist: np.ndarray):
+    """Both IPPE solutions of a planar PnP problem, each refined by LM: [(rms px, T (4, 4)), ...] best first."""
+    out = []
+    try:
+        n, rvecs, tvecs, _ = cv2.solvePnPGeneric(obj, img, K, dist, flags=cv2.SOLVEPNP_IPPE)
+    except cv2.error:
+        return out
+    for rvec, tvec in zip(rvecs[:n], tvecs[:n]):
+        rvec, tvec = cv2.solvePnPRefineLM(obj, img, K, dist, rvec.copy(), tvec.copy())
+        proj, _ = cv2.projectPoints(obj, rvec, tvec, K, dist)
+        rms = float(np.sqrt(np.mean(np.sum((proj.reshape(-1, 2) - img) ** 2, -1))))
+        T = np.eye(4)
+        T[:3, :3] = cv2.Rodrigues(rvec)[0]
+        T[:3, 3] = tvec.reshape(3)
+        if T[2, 3] > 0:
+            out.append((rms, T))
+    out.sort(key=lambda x: x[0])
+    return out
+
+
 def measure_fiducial(image: np.ndarray, K: np.ndarray, dist: np.ndarray | None, spec, T_ee_board: np.ndarray,
                      gate: FiducialGate | None = None) -> FiducialMeasurement:
     """Detect the board in ``image`` (RGB or grey), estimate the end-effector pose, apply the gate.
@@ -166,7 +195,18 @@ def measure_fiducial(image: np.ndarray, K: np.ndarray, dist: np.ndarray | None, 
     if det.T_camera_board is None:
         return FiducialMeasurement(detected=False, accepted=False, reasons=["not detected"],
                                    corners=int(len(det.corner_ids)))
-    T_cb = det.T_camera_board
+    # both planar solutions: keep the better one, measure how much better it is than its mirror
+    obj_board = board_corners_3d(spec)[det.corner_ids]
+    sols = planar_pose_solutions(obj_board, det.corners.astype(np.float64), K, dist)
+    T_cb, rms = det.T_camera_board, float(det.reprojection_rms)
+    ambiguity = float("inf")
+    if sols:
+        if sols[0][0] < rms:
+            rms, T_cb = sols[0]
+        # the mirror: the solution whose rotation differs from the chosen one by more than a few degrees
+        others = [r for r, T in sols if np.linalg.norm(pose_error(T, T_cb)[3:]) > np.radians(2.0)]
+        if others:
+            ambiguity = others[0] / max(rms, 1e-3)
     T_ee_board = np.asarray(T_ee_board, dtype=np.float64)
     T_ce = T_cb @ np.linalg.inv(T_ee_board)
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
@@ -181,14 +221,14 @@ def measure_fiducial(image: np.ndarray, K: np.ndarray, dist: np.ndarray | None, 
     angle = float(np.degrees(np.arccos(np.clip(cosang, -1.0, 1.0))))
     # sharpness inside the printed squares (shrunk by a quarter square: off the board's rim)
     inner = board_region_mask(grey.shape, T_cb, K, dist, spec.width, spec.height, shrink=spec.square_length / 4)
-    sharp = sharpness(grey, inner)
+    square_px = size_px / math.sqrt(spec.squares_x * spec.squares_y)
+    sharp = sharpness(grey, inner) * square_px
 
     # covariance of the end-effector pose from the PnP Jacobian
-    obj_board = board_corners_3d(spec)[det.corner_ids]
     obj_ee = obj_board @ T_ee_board[:3, :3].T + T_ee_board[:3, 3]
     J = _pnp_jacobian(obj_ee, T_ce, K, dist)
     dof = max(2 * n - 6, 1)
-    resid_var = float(det.reprojection_rms) ** 2 * 2 * n / dof
+    resid_var = rms ** 2 * 2 * n / dof
     s2 = max(resid_var, gate.pixel_sigma_floor ** 2) * gate.covariance_inflation ** 2
     try:
         cov = s2 * np.linalg.inv(J.T @ J)
@@ -202,17 +242,19 @@ def measure_fiducial(image: np.ndarray, K: np.ndarray, dist: np.ndarray | None, 
     reasons = []
     if n < gate.min_corners:
         reasons.append(f"corners {n} < {gate.min_corners}")
-    if not det.reprojection_rms <= gate.max_reprojection_rms:
-        reasons.append(f"reprojection rms {det.reprojection_rms:.2f} px > {gate.max_reprojection_rms}")
+    if not rms <= gate.max_reprojection_rms:
+        reasons.append(f"reprojection rms {rms:.2f} px > {gate.max_reprojection_rms}")
     if not size_px >= gate.min_size_px:
         reasons.append(f"size {size_px:.0f} px < {gate.min_size_px:.0f}")
     if not sharp >= gate.min_sharpness:
         reasons.append(f"sharpness {sharp:.3f} < {gate.min_sharpness}")
     if not angle <= gate.max_view_angle_deg:
         reasons.append(f"view angle {angle:.0f} deg > {gate.max_view_angle_deg:.0f}")
+    if not ambiguity >= gate.min_ambiguity_ratio:
+        reasons.append(f"ambiguous pose: mirror solution rms ratio {ambiguity:.2f} < {gate.min_ambiguity_ratio}")
     if not pos_sigma_mm <= gate.max_position_sigma_mm:
         reasons.append(f"position sigma {pos_sigma_mm:.1f} mm > {gate.max_position_sigma_mm}")
     return FiducialMeasurement(detected=True, accepted=not reasons, reasons=reasons, corners=n,
-                               reprojection_rms=float(det.reprojection_rms), size_px=size_px, sharpness=sharp,
-                               view_angle_deg=angle, position_sigma_mm=pos_sigma_mm, T_camera_board=T_cb,
+                               reprojection_rms=rms, size_px=size_px, sharpness=sharp,
+                               view_angle_deg=angle, ambiguity_ratio=ambiguity, position_sigma_mm=pos_sigma_mm, T_camera_board=T_cb,
                                T_camera_ee=T_ce, covariance=cov)

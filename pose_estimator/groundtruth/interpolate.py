@@ -52,13 +52,21 @@ class InterpolationConfig:
     #: "offset" (+ a constant correction per joint), "backlash" (+ offset, half play width, initial play)
     joint_model: str = "backlash"
     #: random-walk standard deviation of the SE(3) discrepancy per sqrt(second): position (m), rotation (rad)
-    process_pos_per_sqrt_s: float = 0.0005
-    process_rot_per_sqrt_s: float = 0.0005
+    process_pos_per_sqrt_s: float = 0.002
+    process_rot_per_sqrt_s: float = 0.002
     #: random-walk standard deviation per sqrt(radian of joint travel, summed over joints)
-    process_pos_per_sqrt_rad: float = 0.001
-    process_rot_per_sqrt_rad: float = 0.001
+    process_pos_per_sqrt_rad: float = 0.004
+    process_rot_per_sqrt_rad: float = 0.004
     #: frames further than this (s) from every good fiducial frame are left unlabelled
     max_gap_s: float = 2.0
+    #: a sequence with fewer good fiducial frames than this is left unlabelled (one detection cannot be
+    #: checked against anything, and it alone would fix every label of the sequence)
+    min_fiducial_frames: int = 3
+    #: scale the sequence's label covariances by the a-posteriori variance factor of its fiducial frames
+    #: (mean normalised leave-one-out residual), when that is above 1
+    variance_factor: bool = True
+    #: pseudo-frames of the factor's prior at 1 (shrinks the factor of sequences with few fiducial frames)
+    variance_factor_prior_frames: float = 3.0
     #: white noise of the measured joints (rad; m for prismatic joints) when it is not estimated from the stream
     joint_noise_rad: float = 0.0012
     joint_noise_m: float = 0.0001
@@ -223,6 +231,7 @@ class InterpolationResult:
     joint_correction: np.ndarray | None  # (N, n) estimated true - measured joints
     state: np.ndarray | None = None  # (N, d) smoothed state
     state_cov: np.ndarray | None = None
+    variance_factor: float = 1.0  # the factor the label covariances were scaled by
 
 
 def _empty_result(N: int) -> InterpolationResult:
@@ -258,8 +267,11 @@ def interpolate_sequence(stamps: np.ndarray, joints: np.ndarray, fk, good: np.nd
     N, n = q.shape
     good = np.asarray(good, dtype=bool)
     idx = np.flatnonzero(good)
-    if len(idx) == 0:
-        return _empty_result(N)
+    if len(idx) == 0 or len(idx) < cfg.min_fiducial_frames:
+        res = _empty_result(N)
+        res.gap_s = (np.min(np.abs(stamps[:, None] - stamps[idx][None, :]), axis=1) if len(idx)
+                     else np.full(N, np.inf))
+        return res
     revolute = np.ones(n, bool) if revolute is None else np.asarray(revolute, dtype=bool)
     sig = (np.where(revolute, cfg.joint_noise_rad, cfg.joint_noise_m) if joint_noise is None
            else np.asarray(joint_noise, dtype=np.float64))
@@ -343,6 +355,7 @@ def interpolate_sequence(stamps: np.ndarray, joints: np.ndarray, fk, good: np.nd
     gap = np.min(np.abs(stamps[:, None] - stamps[idx][None, :]), axis=1)
     t_good = stamps[idx]
     mode: list = []
+    nis = []
     for k in range(N):
         if good[k]:
             mode.append("fiducial")
@@ -355,6 +368,8 @@ def interpolate_sequence(stamps: np.ndarray, joints: np.ndarray, fk, good: np.nd
             if ev.min() > 1e-6 * max(ev.max(), 1e-12):
                 P_loo = np.linalg.inv(info_loo)
                 y_loo = P_loo @ (np.linalg.solve(M[k], y[k]) - Ri @ zk)
+                r = zk - y_loo
+                nis.append(float(r @ np.linalg.solve(P_loo + R[k], r)))
                 A = np.linalg.inv(P_loo + W[k])
                 V = np.linalg.inv(cov_fid[k])
                 Pl = np.linalg.inv(A + V)
@@ -368,6 +383,12 @@ def interpolate_sequence(stamps: np.ndarray, joints: np.ndarray, fk, good: np.nd
         else:
             before, after = bool(np.any(t_good < stamps[k])), bool(np.any(t_good > stamps[k]))
             mode.append("two_sided" if before and after else "forward" if before else "backward")
+    factor = 1.0
+    if cfg.variance_factor and nis:
+        nu = cfg.variance_factor_prior_frames
+        factor = max(1.0, (float(np.sum(nis)) + 6.0 * nu) / (6.0 * (len(nis) + nu)))
+        label_cov = label_cov * factor
+        M_f = M_f * factor
     from .fiducial import pose_perturb
 
     T_label = np.full((N, 4, 4), np.nan)
@@ -378,4 +399,4 @@ def interpolate_sequence(stamps: np.ndarray, joints: np.ndarray, fk, good: np.nd
         else:
             T_label[k] = pose_perturb(Kc[k], y[k])
     return InterpolationResult(y, label_cov, T_label, Kc, mode, gap, S, y_f, M_f,
-                               dq_hat if d > 6 else None, xs, Ps)
+                               dq_hat if d > 6 else None, xs, Ps, factor)

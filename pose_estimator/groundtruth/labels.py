@@ -182,7 +182,8 @@ def label_sequence(seq, robot, spec, T_ee_board: np.ndarray, cfg: LabelConfig | 
             "keypoints": None,
         })
 
-    evaluation: dict[str, Any] = {"mode": res.mode, "S": res.S, "t": t}
+    evaluation: dict[str, Any] = {"mode": res.mode, "S": res.S, "t": t, "variance_factor": res.variance_factor,
+                                  "fiducial_frames": int(good.sum())}
     if all("ee_pose_camera" in r for r in recs):
         from ..sim.dataset import pose7_to_matrix
 
@@ -215,6 +216,7 @@ def _jsonl_atomic(path: Path, rows: list[dict]) -> None:
 def _score(evals: list[dict]) -> dict:
     """Accuracy figures against the true poses, over all sequences."""
     fid_p, int_p, int_r, kin_p, inside, fid_raw = [], [], [], [], [], []
+    inside_f, inside_i = [], []
     for ev in evals:
         if "T_true" not in ev:
             continue
@@ -232,7 +234,9 @@ def _score(evals: list[dict]) -> dict:
                 int_p.append(np.linalg.norm(e[:3]))
                 int_r.append(np.linalg.norm(e[3:]))
             C = ev["cov"][k][:3, :3]
-            inside.append(float(e[:3] @ np.linalg.solve(C, e[:3])) <= CHI2_3DOF_95)
+            ok = float(e[:3] @ np.linalg.solve(C, e[:3])) <= CHI2_3DOF_95
+            inside.append(ok)
+            (inside_f if mode == "fiducial" else inside_i).append(ok)
 
     def med(v, scale):
         return None if not v else round(float(np.median(v)) * scale, 3)
@@ -247,6 +251,8 @@ def _score(evals: list[dict]) -> dict:
         "interpolated_rot_err_deg_median": med(int_r, 180 / math.pi),
         "kinematic_pos_err_mm_median": med(kin_p, 1000),
         "coverage95": None if not inside else round(float(np.mean(inside)), 4),
+        "coverage95_fiducial": None if not inside_f else round(float(np.mean(inside_f)), 4),
+        "coverage95_interpolated": None if not inside_i else round(float(np.mean(inside_i)), 4),
         "improvement_over_kinematics": (None if not int_p or not kin_p else
                                         round(float(np.median(kin_p) / max(np.median(int_p), 1e-12)), 2)),
     }
@@ -290,7 +296,9 @@ def label_dataset(root: str | os.PathLike, cfg: LabelConfig | None = None, coco:
                   "keypoint_labels": nk}
         for k in totals:
             totals[k] += counts[k]
-        per_seq[seq.name] = dict(counts, T_camera_base_fitted=None if ev["S"] is None else ev["S"].tolist(),
+        per_seq[seq.name] = dict(counts, good_fiducial_frames=ev["fiducial_frames"],
+                                 variance_factor=round(float(ev["variance_factor"]), 3),
+                                 T_camera_base_fitted=None if ev["S"] is None else ev["S"].tolist(),
                                  **({k: v for k, v in _score([ev]).items()} if "T_true" in ev else {}))
         evals.append(ev)
         if write:
@@ -298,6 +306,8 @@ def label_dataset(root: str | os.PathLike, cfg: LabelConfig | None = None, coco:
         if progress:
             progress(si + 1, len(seqs), seq.name, counts)
     summary: dict[str, Any] = {"format_version": LABELS_FORMAT_VERSION, "dataset": str(Path(root)), **totals}
+    summary["sequences_labelled"] = sum(v["fiducial"] > 0 for v in per_seq.values())
+    summary["sequences_without_fiducial"] = sum(v["good_fiducial_frames"] == 0 for v in per_seq.values())
     summary.update(_score(evals))
     summary["settings"] = {"gate": asdict(cfg.gate), "interpolation": asdict(cfg.interpolation),
                            "joint_noise": cfg.joint_noise,
