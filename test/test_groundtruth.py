@@ -235,8 +235,10 @@ def tiny_dataset(tmp_path_factory):
     from pose_estimator.sim.config import CameraConfig
 
     root = tmp_path_factory.mktemp("gt") / "ds"
+    # the labeller's evaluation settings (label_eval.yaml): a camera facing the 5x5 board from 0.6-1.5 m
     cfg = GeneratorConfig(sequences=2, frames_per_sequence=30, seed=3, width=640, height=480,
-                          camera=CameraConfig(board_facing_probability=1.0))
+                          camera=CameraConfig(board_facing_probability=1.0, distance=(0.6, 1.5)),
+                          board=BoardSpec(squares_x=5, squares_y=5))
     generate_dataset(cfg, root, workers=1, progress=False)
     return root
 

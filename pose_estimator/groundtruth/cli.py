@@ -21,7 +21,7 @@ _JSON_KEYS = ("frames", "fiducial", "interpolated", "unlabelled", "keypoint_labe
               "fiducial_raw_pos_err_mm_median", "interpolated_pos_err_mm_median", "interpolated_pos_err_mm_p90",
               "interpolated_rot_err_deg_median", "kinematic_pos_err_mm_median", "improvement_over_kinematics",
               "coverage95", "coverage95_fiducial", "coverage95_interpolated", "sequences_labelled",
-              "sequences_without_fiducial")
+              "sequences_without_fiducial", "longest_board_gap_s")
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,11 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coco", default=None, help="COCO keypoint JSON with human labels to merge in")
     parser.add_argument("--keypoint-map", default=None,
                         help="COCO keypoint name -> robot keypoint name, 'a=b,c=d' (names that match need none)")
+    parser.add_argument("--hide-board", type=float, default=None, metavar="SECONDS",
+                        help="evaluation: ignore the board in stretches of SECONDS, separated by --show-board "
+                             "seconds where it is used (stress-tests the interpolation across known gaps)")
+    parser.add_argument("--show-board", type=float, default=None, metavar="SECONDS",
+                        help="evaluation: length of the stretches between hidden ones (default 0.5)")
     parser.add_argument("--no-write", action="store_true", help="score only; write no label files")
 
 
@@ -65,6 +70,10 @@ def label_config_from_args(args: argparse.Namespace):
         cfg.gate.max_position_sigma_mm = float(args.max_position_sigma_mm)
     if getattr(args, "joint_model", None) is not None:
         cfg.interpolation.joint_model = args.joint_model
+    if getattr(args, "hide_board", None) is not None:
+        cfg.hide_board_s = float(args.hide_board)
+    if getattr(args, "show_board", None) is not None:
+        cfg.show_board_s = float(args.show_board)
     return cfg
 
 

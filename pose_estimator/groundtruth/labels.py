@@ -24,7 +24,7 @@ from .fiducial import FiducialGate, FiducialMeasurement, measure_fiducial, pose_
 from .interpolate import InterpolationConfig, interpolate_sequence, motion_direction
 
 __all__ = ["LabelConfig", "label_sequence", "label_dataset", "matrix_to_pose7", "LABELS_FORMAT_VERSION",
-           "estimate_joint_noise", "smooth_joints_at", "CHI2_3DOF_95"]
+           "estimate_joint_noise", "smooth_joints_at", "CHI2_3DOF_95", "hidden_stretches"]
 
 LABELS_FORMAT_VERSION = 1
 CHI2_3DOF_95 = 7.815
@@ -40,6 +40,11 @@ class LabelConfig:
     #: half-width (joint samples) of a local quadratic fit to the joint-state stream at each image stamp;
     #: 0 uses the measured joints of the frame as they are
     joint_smoothing_half_window: int = 4
+    #: evaluation only: ignore the board in stretches of this many seconds (0 = off), separated by
+    #: ``show_board_s`` seconds in which it is used, starting with a shown stretch; stress-tests the
+    #: interpolation across gaps of known length on data where the board is seen often
+    hide_board_s: float = 0.0
+    show_board_s: float = 0.5
 
 
 def matrix_to_pose7(T: np.ndarray) -> list[float]:
@@ -90,6 +95,15 @@ def _smoothing_noise_gain(half_window: int) -> float:
     tt = np.arange(-half_window, half_window + 1, dtype=np.float64)
     A = np.stack([np.ones_like(tt), tt, tt * tt], 1)
     return float(math.sqrt(np.linalg.inv(A.T @ A)[0, 0]))
+
+
+def hidden_stretches(t: np.ndarray, hide_s: float, show_s: float) -> np.ndarray:
+    """(N,) bool: frames at times ``t`` (s from the sequence start) inside a hidden stretch (see LabelConfig)."""
+    t = np.asarray(t, dtype=np.float64)
+    if hide_s <= 0:
+        return np.zeros(len(t), bool)
+    period = hide_s + max(show_s, 0.0)
+    return np.mod(t, period) >= max(show_s, 0.0) - 1e-9
 
 
 def _robot_for(meta: dict):
@@ -158,6 +172,8 @@ def label_sequence(seq, robot, spec, T_ee_board: np.ndarray, cfg: LabelConfig | 
             f = seq.frame(i)
             fiducials.append(measure_fiducial(f.image, f.K, f.dist, spec, T_ee_board, cfg.gate))
     good = np.array([m.accepted for m in fiducials], dtype=bool)
+    hidden = hidden_stretches(t, cfg.hide_board_s, cfg.show_board_s)
+    good &= ~hidden
     T_fid = np.array([m.T_camera_ee if m.T_camera_ee is not None else np.eye(4) for m in fiducials])
     cov_fid = np.array([m.covariance if m.covariance is not None else np.eye(6) for m in fiducials])
     res = interpolate_sequence(t, q, lambda qq: _kinematics(robot, qq), good, T_fid, cov_fid, cfg.interpolation,
@@ -176,14 +192,21 @@ def label_sequence(seq, robot, spec, T_ee_board: np.ndarray, cfg: LabelConfig | 
             "gap_s": None if not np.isfinite(res.gap_s[i]) else round(float(res.gap_s[i]), 4),
             "ee_pose_camera": matrix_to_pose7(res.T_label[i]) if labelled else None,
             "ee_covariance": [float(v) for v in res.label_cov[i].reshape(-1)] if labelled else None,
-            "fiducial": m.summary(),
+            "fiducial": dict(m.summary(), hidden=bool(hidden[i])),
             "fiducial_pose_camera": matrix_to_pose7(m.T_camera_ee) if m.T_camera_ee is not None else None,
             "fiducial_covariance": [float(v) for v in m.covariance.reshape(-1)] if m.covariance is not None else None,
             "keypoints": None,
         })
 
+    # the longest stretch without a good fiducial frame (s), counted in frames between stamps
+    runs, run = [], 0
+    for g in good:
+        run = 0 if g else run + 1
+        runs.append(run)
+    dt = float(np.median(np.diff(t))) if N > 1 else 0.0
     evaluation: dict[str, Any] = {"mode": res.mode, "S": res.S, "t": t, "variance_factor": res.variance_factor,
-                                  "fiducial_frames": int(good.sum())}
+                                  "fiducial_frames": int(good.sum()),
+                                  "longest_board_gap_s": round(max(runs, default=0) * dt, 3)}
     if all("ee_pose_camera" in r for r in recs):
         from ..sim.dataset import pose7_to_matrix
 
@@ -297,6 +320,7 @@ def label_dataset(root: str | os.PathLike, cfg: LabelConfig | None = None, coco:
         for k in totals:
             totals[k] += counts[k]
         per_seq[seq.name] = dict(counts, good_fiducial_frames=ev["fiducial_frames"],
+                                 longest_board_gap_s=ev["longest_board_gap_s"],
                                  variance_factor=round(float(ev["variance_factor"]), 3),
                                  T_camera_base_fitted=None if ev["S"] is None else ev["S"].tolist(),
                                  **({k: v for k, v in _score([ev]).items()} if "T_true" in ev else {}))
@@ -308,10 +332,13 @@ def label_dataset(root: str | os.PathLike, cfg: LabelConfig | None = None, coco:
     summary: dict[str, Any] = {"format_version": LABELS_FORMAT_VERSION, "dataset": str(Path(root)), **totals}
     summary["sequences_labelled"] = sum(v["fiducial"] > 0 for v in per_seq.values())
     summary["sequences_without_fiducial"] = sum(v["good_fiducial_frames"] == 0 for v in per_seq.values())
+    gaps = [v["longest_board_gap_s"] for v in per_seq.values() if v["fiducial"] > 0]
+    summary["longest_board_gap_s"] = max(gaps, default=None)
     summary.update(_score(evals))
     summary["settings"] = {"gate": asdict(cfg.gate), "interpolation": asdict(cfg.interpolation),
                            "joint_noise": cfg.joint_noise,
-                           "joint_smoothing_half_window": cfg.joint_smoothing_half_window}
+                           "joint_smoothing_half_window": cfg.joint_smoothing_half_window,
+                           "hide_board_s": cfg.hide_board_s, "show_board_s": cfg.show_board_s}
     summary["sequences"] = per_seq
     if write:
         write_json_atomic(Path(root) / "labels.json", summary)

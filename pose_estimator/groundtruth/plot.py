@@ -65,7 +65,8 @@ def plot_sequence_labels(root: str | os.PathLike, sequence: int, out: str | os.P
     t, lab, std = a["t"], a["label"], a["std"]
     fid = np.array([s == "fiducial" for s in a["source"]])
     ref = a["true"] if a["true"] is not None else a["kinematic"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    fig, grid = plt.subplots(3, 2, figsize=(13, 8), sharex=True, gridspec_kw={"width_ratios": [1.2, 1]})
+    axes = grid[:, 0]
     for j, ax in enumerate(axes):
         mm = lambda v: (v - np.nanmean(ref[:, j])) * 1000  # noqa: E731 - offsets keep mm readable
         ax.fill_between(t, mm(lab[:, j] - 2 * std[:, j]), mm(lab[:, j] + 2 * std[:, j]), color="tab:blue", alpha=0.25,
@@ -81,10 +82,22 @@ def plot_sequence_labels(root: str | os.PathLike, sequence: int, out: str | os.P
                     label="unlabelled")
         ax.set_ylabel(f"{'xyz'[j]} − {np.nanmean(ref[:, j]):+.3f} m  [mm]")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper right", fontsize=7, ncol=3)
+    # right column: the same curves minus the reference (truth when known), where millimetres show
+    what = "true" if a["true"] is not None else "kinematics"
+    for j, ax in enumerate(grid[:, 1]):
+        d = lambda v: (v - ref[:, j]) * 1000  # noqa: E731
+        ax.fill_between(t, d(lab[:, j] - 2 * std[:, j]), d(lab[:, j] + 2 * std[:, j]), color="tab:blue", alpha=0.25,
+                        linewidth=0)
+        ax.axhline(0, color="k", lw=1.0)
+        ax.plot(t, d(a["kinematic"][:, j]), color="tab:red", lw=1.0, ls="--")
+        ax.plot(t, d(lab[:, j]), color="tab:blue", lw=1.0)
+        ax.plot(t[fid], d(lab[:, j])[fid], "o", ms=3, color="tab:green")
+        ax.set_ylabel(f"{'xyz'[j]} − {what} [mm]")
+        ax.grid(alpha=0.3)
+    grid[-1, 1].set_xlabel("time [s]")
     axes[-1].set_xlabel("time [s]")
     n_f, n_u = int(fid.sum()), int(np.isnan(lab[:, 0]).sum())
-    fig.suptitle(f"{a['name']}: end-effector position in the camera frame "
+    fig.suptitle(f"{a['name']}: end-effector position in the camera frame, and its deviation from the {what} one "
                  f"({n_f} fiducial, {len(t) - n_f - n_u} interpolated, {n_u} unlabelled frames)", fontsize=10)
     fig.tight_layout()
     out = Path(out)
