@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["add_label_arguments", "cli_label", "add_plot_arguments", "cli_plot", "label_config_from_args", "main"]
+__all__ = ["add_label_arguments", "cli_label", "add_plot_arguments", "cli_plot", "label_config_from_args",
+           "add_cli_commands", "main"]
 
 #: keys of the summary printed as the JSON line (the file labels.json has everything)
 _JSON_KEYS = ("frames", "fiducial", "interpolated", "unlabelled", "keypoint_labels", "fiducial_pos_err_mm_median",
@@ -135,11 +136,22 @@ def cli_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_cli_commands(sub) -> None:
+    """Register ``label`` and ``plot-labels`` on an ``add_subparsers()`` object (each sets ``func``)."""
+    p = sub.add_parser("label", help="self-label a dataset: fiducial, interpolated and unlabelled frames",
+                       description="Label every frame with the end-effector pose and covariance from the "
+                                   "fiducial board and the measured joints; write labels.jsonl per sequence.")
+    add_label_arguments(p)
+    p.set_defaults(func=cli_label)
+    p = sub.add_parser("plot-labels", help="plot one sequence's labels against truth and kinematics (PNG)")
+    add_plot_arguments(p)
+    p.set_defaults(func=cli_plot)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m pose_estimator.groundtruth``) until the main CLI wires these in."""
     parser = argparse.ArgumentParser(prog="python -m pose_estimator.groundtruth")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_label_arguments(sub.add_parser("label", help="label a dataset: fiducial, interpolated, unlabelled frames"))
-    add_plot_arguments(sub.add_parser("plot-labels", help="plot one sequence's labels against truth and kinematics"))
+    add_cli_commands(sub)
     args = parser.parse_args(argv)
-    return cli_label(args) if args.command == "label" else cli_plot(args)
+    return int(args.func(args))

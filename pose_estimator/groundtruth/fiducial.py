@@ -149,8 +149,8 @@ def _project(obj: np.ndarray, T: np.ndarray, K: np.ndarray, dist: np.ndarray) ->
 def _pnp_jacobian(obj_ee: np.ndarray, T_camera_ee: np.ndarray, K: np.ndarray, dist: np.ndarray) -> np.ndarray:
     """d(projected corners)/d[dt, dw] of the end-effector pose, (2M, 6), by central differences."""
     J = np.zeros((2 * len(obj_ee), 6))
+    h = 1e-6  # m and rad
     for i in range(6):
-        h = 1e-6 if i < 3 else 1e-6
         d = np.zeros(6)
         d[i] = h
         J[:, i] = (_project(obj_ee, pose_perturb(T_camera_ee, d), K, dist)

@@ -149,7 +149,9 @@ def label_sequence(seq, robot, spec, T_ee_board: np.ndarray, cfg: LabelConfig | 
         stream = seq.joint_stream()
     except (FileNotFoundError, OSError):
         stream = None
-    revolute = np.asarray(robot._dof_revolute.cpu().numpy(), dtype=bool)
+    types = getattr(seq, "dataset", None) and seq.dataset.meta.get("joint_types")
+    revolute = (np.array([t != "prismatic" for t in types], dtype=bool) if types
+                else np.asarray(robot._dof_revolute.cpu().numpy(), dtype=bool))
     if cfg.joint_noise == "auto" and stream is not None and len(stream["measured"]) >= 8:
         noise = estimate_joint_noise(stream["measured"])
     else:
