@@ -85,6 +85,9 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
     "torch_threads": (0, "torch intra-op threads for inference; 0 keeps torch's default.", True, (0, 256)),
     "image_transport": ("raw", "'raw' subscribes to 'image' (sensor_msgs/Image); 'compressed' to "
                                "'image/compressed' (sensor_msgs/CompressedImage).", True, None),
+    "image_qos": ("sensor_data", "QoS of the image and camera_info subscriptions: 'sensor_data' (best effort, the ROS "
+                                 "convention for cameras) or 'reliable' (no frame lost in transport, e.g. large "
+                                 "images over a busy network stack; needs a reliable publisher).", True, None),
     "urdf_file": ("", "URDF file for the kinematics. Empty: the robot_description topic, else the URDF the "
                       "robot definition names.", True, None),
     "use_robot_description_topic": (True, "Take the URDF from the 'robot_description' topic (transient local) "
@@ -206,9 +209,10 @@ class PoseEstimatorNode(Node):
         self._last_log: dict[str, float] = {}
         self.counters = Counters()
         window = float(p("stats_window_s"))
-        self.rate_stats = WindowStats(window)
-        self.latency_stats = WindowStats(window)  # image received -> pose published (ms)
-        self.processing_stats = WindowStats(window)  # worker: took frame -> published (ms)
+        self.rate_stats = WindowStats(window)  # poses published
+        self.frame_stats = WindowStats(window)  # frames solved (pose or refusal)
+        self.latency_stats = WindowStats(window)  # image received -> status published (ms)
+        self.processing_stats = WindowStats(window)  # worker: took frame -> status published (ms)
         self.estimator_stats = WindowStats(window)  # Estimator.estimate alone (ms)
         self.stamp_age_stats = WindowStats(window)  # wall clock - image stamp at publish (ms)
         self._lock = threading.Lock()
@@ -252,6 +256,8 @@ class PoseEstimatorNode(Node):
         if self.camera_estimated_frame and self.camera_estimated_frame in (self.camera_frame_param, *own):
             raise NodeStartupError(f"camera_estimated_frame '{self.camera_estimated_frame}' names a frame another "
                                    "node owns; use a new name")
+        if str(p("image_qos")) not in ("sensor_data", "reliable"):
+            raise NodeStartupError(f"image_qos must be 'sensor_data' or 'reliable', got '{p('image_qos')}'")
         if str(p("image_transport")) not in ("raw", "compressed"):
             raise NodeStartupError(f"image_transport must be 'raw' or 'compressed', got '{p('image_transport')}'")
         self.hardware_id = str(p("hardware_id")) or self.get_fully_qualified_name()
@@ -289,12 +295,14 @@ class PoseEstimatorNode(Node):
         self.static_tf = StaticTransformCache(self) if p("camera_extrinsic_from_tf") else None
 
         # --- subscriptions
+        # Depth 2: only the newest frame matters (the worker drops older ones anyway).
+        image_qos = sensor_qos(depth=2) if p("image_qos") == "sensor_data" else output_qos(depth=2)
         if p("image_transport") == "compressed":
-            self.image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image,
-                                                      sensor_qos(depth=2))
+            self.image_sub = self.create_subscription(CompressedImage, "image/compressed", self._on_image, image_qos)
         else:
-            self.image_sub = self.create_subscription(Image, "image", self._on_image, sensor_qos(depth=2))
-        self.info_sub = self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sensor_qos(depth=5))
+            self.image_sub = self.create_subscription(Image, "image", self._on_image, image_qos)
+        info_qos = sensor_qos(depth=5) if p("image_qos") == "sensor_data" else output_qos(depth=5)
+        self.info_sub = self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, info_qos)
         # Deep enough for a burst of 1 kHz joint states while the executor is busy.
         self.joint_sub = self.create_subscription(JointState, "joint_states", self._on_joint_states,
                                                   sensor_qos(depth=200))
@@ -494,6 +502,11 @@ class PoseEstimatorNode(Node):
 
     # ------------------------------------------------------------------ the worker
     def _work(self) -> None:
+        n_threads = int(self._p("torch_threads"))
+        if n_threads > 0:
+            import torch
+
+            torch.set_num_threads(n_threads)  # also in this thread: OpenMP teams are per calling thread
         while True:
             with self._cv:
                 while not self._stop and self._pending_frame is None and self._pending_urdf is None:
@@ -619,6 +632,11 @@ class PoseEstimatorNode(Node):
             reason = "covariance is not positive definite"
         status = self._status_msg(est, stamp, frame_id, reason)
         self.status_pub.publish(status)
+        # Time per solved frame, whatever the outcome (a refusal costs the same work).
+        t_pub = time.monotonic()
+        self.latency_stats.add((t_pub - t_received) * 1e3)
+        self.processing_stats.add((t_pub - t_start) * 1e3)
+        self.frame_stats.add()
         if reason:
             with self._lock:
                 self.counters.poses_rejected += 1
@@ -627,9 +645,6 @@ class PoseEstimatorNode(Node):
                                  f"{int(est.inliers.sum())}/{len(est.inliers)} inliers)", outcome="rejected")
         else:
             self._publish_pose(est, cov, stamp, frame_id)
-            t_pub = time.monotonic()
-            self.latency_stats.add((t_pub - t_received) * 1e3)
-            self.processing_stats.add((t_pub - t_start) * 1e3)
             self.rate_stats.add()
             age_ms = (time.time_ns() - stamp_ns) * 1e-6
             if abs(age_ms) < 60_000:  # meaningful only for live stamps
@@ -737,6 +752,7 @@ class PoseEstimatorNode(Node):
             level, message = WARN, "no image received yet on " + self.image_sub.topic_name
         values = {
             "rate_hz": self.rate_stats.rate(),
+            "frame_rate_hz": self.frame_stats.rate(),
             "latency_ms_p50": self.latency_stats.percentile(50),
             "latency_ms_p95": self.latency_stats.percentile(95),
             "processing_ms_p50": self.processing_stats.percentile(50),
