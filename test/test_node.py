@@ -29,6 +29,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, JointState  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
 from tf2_msgs.msg import TFMessage  # noqa: E402
 
 from pose_estimator.config import EstimatorConfig, load_config  # noqa: E402
@@ -187,9 +188,12 @@ def _T(pose7) -> np.ndarray:
 def _start_node(graph, model_file, name, params=(), prefix="/camera", **kw):
     """A node under test; ``prefix`` namespaces its input topics so nodes in one graph do not share frames."""
     j = "/joint_states" if prefix == "/camera" else f"{prefix}/joint_states"
-    args = ["--ros-args", "-r", f"image:={prefix}/image_raw", "-r", f"camera_info:={prefix}/camera_info",
-            "-r", f"joint_states:={j}"]
-    overrides = [Parameter("model_path", value=str(model_file))] + [Parameter(k, value=v) for k, v in params]
+    args = ["--ros-args", "-r", f"image:={prefix}/image_raw", "-r", f"image/compressed:={prefix}/image_raw/compressed",
+            "-r", f"camera_info:={prefix}/camera_info", "-r", f"joint_states:={j}"]
+    # Reliable image QoS: on a loaded CI machine best-effort frames can be lost in transport, and these tests
+    # count frames (the benchmark and the launch test run the default, sensor_data).
+    overrides = [Parameter("model_path", value=str(model_file)), Parameter("image_qos", value="reliable")]
+    overrides += [Parameter(k, value=v) for k, v in params]
     node = PoseEstimatorNode(name, parameter_overrides=overrides, cli_args=args, context=graph.context, **kw)
     return graph.add(node)
 
@@ -327,7 +331,7 @@ def test_debug_image_is_drawn_only_when_someone_subscribes(graph, model_file, re
 class _Feeder:
     """Publishes hand-made messages to one node under test; its clock only moves forward unless told."""
 
-    def __init__(self, graph, name, recording, prefix):
+    def __init__(self, graph, name, recording, prefix, compressed=False):
         from pose_estimator.ros.qos import latched_qos
         from pose_estimator.robot import RobotModel
         import cv2
@@ -335,7 +339,12 @@ class _Feeder:
         self.node = graph.node(name)
         self.seq = json.loads((recording / "sequence.json").read_text())
         self.frames = list(_frames(recording).values())
-        self.image = self.node.create_publisher(Image, f"{prefix}/image_raw", 5)
+        if compressed:
+            from sensor_msgs.msg import CompressedImage
+
+            self.image = self.node.create_publisher(CompressedImage, f"{prefix}/image_raw/compressed", 5)
+        else:
+            self.image = self.node.create_publisher(Image, f"{prefix}/image_raw", 5)
         self.info = self.node.create_publisher(CameraInfo, f"{prefix}/camera_info", 5)
         self.joints = self.node.create_publisher(JointState, f"{prefix}/joint_states", 50)
         self.tf = self.node.create_publisher(TFMessage, "/tf_static", latched_qos())
@@ -586,3 +595,39 @@ def test_node_executable_exits_with_one_clear_line_on_a_startup_error(tmp_path):
     assert p.returncode == 1, p.stderr
     assert f"cannot start: model file not found: {missing}" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_compressed_images_are_accepted(graph, model_file, recording):
+    from pose_estimator.ros.image_conversion import rgb8_to_compressed_msg
+
+    node = _start_node(graph, model_file, "pe_jpeg", [("use_robot_description_topic", False),
+                                                     ("image_transport", "compressed")], prefix="/pe_jpeg_in")
+    assert node.image_sub.topic_name == "/pe_jpeg_in/image_raw/compressed"
+    feed = _Feeder(graph, "pe_jpeg_feed", recording, "/pe_jpeg_in", compressed=True)
+    ns = feed.tick()
+    feed.camera_info(ns)
+    feed.joint_state(ns)
+    assert wait_for(lambda: node._camera is not None and node.history.newest_stamp_ns == ns)
+    m = rgb8_to_compressed_msg(feed.rgb[0], "jpeg")
+    m.header.stamp, m.header.frame_id = feed.stamp(ns), "camera_optical_frame"
+    d = feed.publish_image(node, m)
+    assert node.counters.bad_images == 0 and node.counters.poses_published + node.counters.poses_rejected == 1, d
+    graph.remove(node)
+
+
+def test_a_broken_robot_description_is_reported_and_the_definition_urdf_takes_over(graph, model_file):
+    from pose_estimator.ros.qos import latched_qos
+
+    pub_node = graph.node("pe_urdf_pub")
+    pub = pub_node.create_publisher(String, "/pe_urdf_in/robot_description", latched_qos())
+    pub.publish(String(data="<robot name='not_a_panda'><link name='base'/></robot>"))
+    args = ["--ros-args", "-r", "robot_description:=/pe_urdf_in/robot_description"]
+    node = graph.add(PoseEstimatorNode("pe_urdf", parameter_overrides=[
+        Parameter("model_path", value=str(model_file)), Parameter("robot_description_timeout_s", value=1.5)],
+        cli_args=args, context=graph.context))
+    assert wait_for(lambda: "cannot build the robot model from topic robot_description" in _diag(node)["message"], 10)
+    assert _diag(node)["level"] == 2 and node.estimator is None
+    assert wait_for(lambda: node.estimator is not None, 10)  # the definition's URDF after the timeout
+    assert "robot definition 'panda'" in _diag(node)["robot_model"]
+    graph.remove(node)
+    graph.remove(pub_node)

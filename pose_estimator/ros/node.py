@@ -447,17 +447,17 @@ class PoseEstimatorNode(Node):
         with self._cv:
             self._pending_urdf = (msg.data, "topic robot_description")
             self._cv.notify()
-        if self._urdf_timer is not None:
-            self._urdf_timer.cancel()
 
     def _on_urdf_timeout(self) -> None:
+        # One shot. A robot_description that arrived but could not be used also ends here: the robot
+        # definition's own URDF (the one its keypoints were defined on) beats having no model at all.
         self._urdf_timer.cancel()
         with self._cv:
             if self.estimator is not None or self._pending_urdf is not None:
                 return
-            self._log("urdf", "warning", "no robot_description received within "
-                                         f"{self._p('robot_description_timeout_s')} s; using the URDF of robot "
-                                         f"definition '{self.definition.name}'")
+            self._log("urdf_fallback", "warning", "no usable robot_description within "
+                                                  f"{self._p('robot_description_timeout_s')} s; using the URDF of "
+                                                  f"robot definition '{self.definition.name}'")
             self._pending_urdf = (None, f"robot definition '{self.definition.name}' (robot_description timeout)")
             self._cv.notify()
 
@@ -748,7 +748,7 @@ class PoseEstimatorNode(Node):
             level, message = ERROR, camera_error
         if joint_error and level < WARN:
             level, message = WARN, joint_error
-        if c["frames_received"] == 0:
+        if c["frames_received"] == 0 and level < ERROR:
             level, message = WARN, "no image received yet on " + self.image_sub.topic_name
         values = {
             "rate_hz": self.rate_stats.rate(),
