@@ -249,7 +249,9 @@ def main(argv=None) -> int:
             "latency_ms_p50": float(np.percentile(lat, 50)) if lat else float("nan"),
             "latency_ms_p95": float(np.percentile(lat, 95)) if lat else float("nan"),
             "dropped_frames": dropped,
-            "transport_lost": images - (int(diag.get("frames_received", 0)) - int(diag_start.get("frames_received", 0))),
+            # (>= 0: a warm-up frame still in flight can land in the measured window)
+            "transport_lost": max(0, images - (int(diag.get("frames_received", 0))
+                                               - int(diag_start.get("frames_received", 0)))),
             "images_published": images,
             "node_ms_per_frame": node_ms,
             "node_estimator_ms": float(diag.get("estimator_ms_p50", "nan")),
