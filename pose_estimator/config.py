@@ -91,6 +91,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             kwargs[name] = from_dict(type(default), value, f"{where}.{name}")
         else:
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
             if default is not dataclasses.MISSING and default is not None and not isinstance(value, type(default)):
                 if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                     value = float(value)

@@ -74,6 +74,9 @@ class SolverConfig:
     min_depth: float = 1e-3
     #: 'implicit' (Gauss-Newton step from the detached optimum), 'unroll', or 'none'
     gradient: str = "implicit"
+    #: ablation: weight every keypoint alike (isotropic, the median variance of the frame's
+    #: keypoints) instead of by its own covariance
+    unweighted: bool = False
 
     def __post_init__(self) -> None:
         if self.robust_loss not in ROBUST_LOSSES:
@@ -359,6 +362,11 @@ def _prepare_measurements(uv, cov, mask, cfg):
     n_bad_cov = (valid & ~pd).sum(1)
     valid = valid & pd
     cov_safe = torch.where(valid[..., None, None], cov_safe, torch.eye(2, dtype=cov.dtype, device=cov.device))
+    if cfg.unweighted:
+        var = 0.5 * cov_safe.diagonal(dim1=-2, dim2=-1).sum(-1)
+        med = torch.stack([var[b][valid[b]].median() if bool(valid[b].any()) else var.new_tensor(1.0)
+                           for b in range(var.shape[0])])
+        cov_safe = med[:, None, None, None] * torch.eye(2, dtype=cov.dtype, device=cov.device).expand_as(cov_safe)
     info = torch.linalg.inv(cov_safe)
     uv_safe = torch.where(valid[..., None], uv, torch.zeros_like(uv))
     return uv_safe, info, valid.to(uv.dtype), n_bad_cov

@@ -1,0 +1,98 @@
+"""The ``pose-estimator`` command: one entry point, one subcommand per job.
+
+Subcommands register themselves from the modules that implement them, so a
+module that is missing (an optional dependency not installed) removes only
+its own subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_solver_demo
+
+    run_solver_demo(args.robot, frames=args.frames, seed=args.seed, as_json=args.json)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the main job on an embedded default and print a table",
+                       description="Recover a sloppy arm's end-effector pose from kinematics-seeded "
+                                   "noisy keypoints and compare against kinematics alone.")
+    p.add_argument("--robot", default="panda", help="robot definition name or keypoint YAML path")
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    p.set_defaults(func=_cmd_demo)
+
+
+# Subcommands implemented elsewhere: (name, module, add-arguments function, run function, help).
+_EXTERNAL = [
+    ("generate", "pose_estimator.sim.cli", "add_generate_arguments", "cli_generate",
+     "render a synthetic dataset (and rosbag2 recordings) of a sloppy arm"),
+    ("contact-sheet", "pose_estimator.sim.cli", "add_contact_sheet_arguments", "cli_contact_sheet",
+     "draw a few dataset frames with keypoints and board into one PNG"),
+    ("label", "pose_estimator.groundtruth.cli", "add_label_arguments", "cli_label",
+     "label a dataset: fiducial poses where the board is seen, interpolation elsewhere"),
+    ("plot-labels", "pose_estimator.groundtruth.cli", "add_plot_arguments", "cli_plot",
+     "plot one sequence's true, kinematic and labelled end-effector position"),
+    ("train", "pose_estimator.training.cli", "add_train_arguments", "cli_train",
+     "train HeatmapNet end to end on a labelled dataset (resumable)"),
+    ("evaluate", "pose_estimator.training.cli", "add_evaluate_arguments", "cli_evaluate",
+     "run the full estimator on a held-out dataset and report accuracy"),
+    ("play", "pose_estimator.ros.player", "add_play_arguments", "cli_play",
+     "publish a rosbag2 recording with its recorded timing (like ros2 bag play)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pose-estimator",
+                                     description="Camera-based end-effector pose estimation for robot arms.")
+    parser.add_argument("--version", action="version", version=f"pose_estimator {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    for name, module, add, run, help_ in _EXTERNAL:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            # Only a missing optional dependency (e.g. rclpy for `play`) hides a subcommand.
+            if e.name and module.startswith(e.name):
+                continue
+            p = sub.add_parser(name, help=f"(unavailable: {e})")
+            p.set_defaults(func=lambda args, e=e: _unavailable(args, e))
+            continue
+        p = sub.add_parser(name, help=help_, description=help_)
+        getattr(mod, add)(p)
+        p.set_defaults(func=getattr(mod, run))
+    return parser
+
+
+def _unavailable(args: argparse.Namespace, error: ImportError) -> int:
+    print(f"pose-estimator {args.command}: unavailable here: {error}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pose-estimator {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pose-estimator {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The FIG. 3 process as one call: image (+ intrinsics, + joints) -> pose with covariance.
+
+    image ─► crop around where kinematics puts the arm (affine remembered)
+          ─► HeatmapNet ─► soft-argmax / Gaussian fit ─► keypoints + 2x2 covariances (image px)
+    joints ─► forward kinematics ─► seed (camera-from-base from the last frame,
+              a caller-supplied extrinsic, or PnP on the kinematic keypoints)
+          ─► variance-weighted robust solver ─► end-effector pose + 6x6 covariance
+
+:class:`Estimator` is plain numpy/torch; the ROS node only converts messages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .config import EstimatorConfig
+from .geometry import CameraModel
+from .keypoints import gaussian_fit2d, heatmap_to_input_affine, keypoints_to_image, soft_argmax2d
+from .preprocess import Preprocessor, compose_affine, full_frame_roi
+from .robot import RobotModel
+from .solver import PoseSolution, solve
+
+__all__ = ["Estimate", "Estimator", "kinematic_roi"]
+
+
+@dataclass
+class Estimate:
+    """One frame's result (numpy, float64). ``pose`` is T_camera_ee."""
+
+    pose: np.ndarray  # (4, 4)
+    covariance: np.ndarray  # (6, 6) x y z rx ry rz, ROS order
+    converged: bool
+    message: str
+    keypoints: np.ndarray  # (K, 2) image px
+    keypoint_covariance: np.ndarray  # (K, 2, 2) px^2
+    confidence: np.ndarray  # (K,)
+    inliers: np.ndarray  # (K,) bool
+    residual: float
+    residual_px: float
+    iterations: int
+    mode: str
+    camera_from_base: np.ndarray | None = None
+    joints: np.ndarray | None = None
+    joint_covariance: np.ndarray | None = None
+    kinematic_pose: np.ndarray | None = None  # T_camera_ee from the measured joints and the seed
+    roi: tuple[float, float, float, float] | None = None
+    seed_source: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def kinematic_roi(uv: np.ndarray, width: int, height: int, margin: float, aspect: float,
+                  min_size: float = 32.0) -> tuple[float, float, float, float] | None:
+    """Box (x0, y0, x1, y1) around projected points with a margin, of the network's aspect (w/h).
+
+    Returns None when nothing useful is in view (no finite points in the image).
+    """
+    ok = np.isfinite(uv).all(1)
+    if not ok.any():
+        return None
+    p = uv[ok]
+    x0, y0 = p.min(0)
+    x1, y1 = p.max(0)
+    w, h = max(x1 - x0, min_size), max(y1 - y0, min_size)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w, h = w * (1 + 2 * margin), h * (1 + 2 * margin)
+    if w / h > aspect:
+        h = w / aspect
+    else:
+        w = h * aspect
+    # A box entirely outside the image cannot hold the arm.
+    if cx + w / 2 < 0 or cy + h / 2 < 0 or cx - w / 2 > width or cy - h / 2 > height:
+        return None
+    return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+
+
+class Estimator:
+    """Image to end-effector pose with covariance, for one robot and one trained network."""
+
+    def __init__(self, robot: RobotModel, net: torch.nn.Module, config: EstimatorConfig | None = None,
+                 device: str | torch.device = "cpu"):
+        self.config = config or EstimatorConfig()
+        self.robot = robot
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        ncfg = net.config
+        if ncfg.num_keypoints != robot.num_keypoints:
+            raise ValueError(f"network predicts {ncfg.num_keypoints} keypoints but robot "
+                             f"'{robot.definition.name}' defines {robot.num_keypoints}")
+        self.input_size = tuple(ncfg.input_size)  # (h, w)
+        self.preprocess = Preprocessor(input_size=self.input_size)
+        self.hm_affine = heatmap_to_input_affine(ncfg.stride)
+        self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
+        self._camera_from_base: np.ndarray | None = None
+
+    @classmethod
+    def from_files(cls, model: str | Path, config: EstimatorConfig | None = None,
+                   robot_description: str | None = None, device: str = "cpu") -> "Estimator":
+        """Load a model file (safetensors) and the robot it names (or ``config.robot``)."""
+        from .model_io import load_model
+
+        net, info = load_model(model, device=device)
+        cfg = config or EstimatorConfig(robot=info["robot"] or "panda")
+        robot = RobotModel.from_yaml(cfg.robot, robot_description=robot_description)
+        if info["keypoint_names"] and info["keypoint_names"] != robot.keypoint_names:
+            raise ValueError(f"model {model} was trained for keypoints {info['keypoint_names']}, "
+                             f"robot definition has {robot.keypoint_names}")
+        return cls(robot, net, cfg, device=device)
+
+    def reset(self) -> None:
+        """Forget the tracked camera-from-base (e.g. when a recording loops)."""
+        self._camera_from_base = None
+
+    # ------------------------------------------------------------------ pieces
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, roi=None):
+        """Keypoints in image pixels: -> (uv (K,2), cov (K,2,2), confidence (K,), roi, ms)."""
+        t0 = time.perf_counter()
+        x, affine = self.preprocess(image, roi)
+        t1 = time.perf_counter()
+        logits = self.net(x[None].to(self.device))
+        t2 = time.perf_counter()
+        logits = logits.double()
+        if self.config.keypoint_method == "gaussian_fit":
+            mean, cov, _ = gaussian_fit2d(logits / self.config.temperature)
+        else:
+            mean, cov = soft_argmax2d(logits, temperature=self.config.temperature)
+        A = compose_affine(np.asarray(affine, dtype=np.float64), self.hm_affine)
+        uv, cov_img = keypoints_to_image(mean, cov, torch.as_tensor(A, dtype=torch.float64))
+        # Confidence: the spatial-softmax peak relative to the peak of the
+        # sharpest distribution the network is trained towards (sigma = 1 heat-map px).
+        prob = torch.softmax(logits.flatten(2) / self.config.temperature, -1)
+        conf = (prob.max(-1).values * 2 * np.pi).clamp(max=1.0)
+        t3 = time.perf_counter()
+        ms = {"preprocess": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3, "keypoints": (t3 - t2) * 1e3}
+        return uv[0].cpu().numpy(), cov_img[0].cpu().numpy(), conf[0].cpu().numpy(), ms
+
+    def _pnp_seed(self, P: np.ndarray, uv: np.ndarray, cam: CameraModel) -> np.ndarray | None:
+        ok = np.isfinite(uv).all(1)
+        if ok.sum() < 6:
+            return None
+        try:
+            found, rvec, tvec, inl = cv2.solvePnPRansac(
+                P[ok].astype(np.float64), uv[ok].astype(np.float64), cam.K, cam.dist,
+                iterationsCount=100, reprojectionError=max(8.0, 0.02 * cam.width), flags=cv2.SOLVEPNP_SQPNP)
+        except cv2.error:
+            return None
+        if not found or inl is None or len(inl) < 4:
+            return None
+        T = np.eye(4)
+        T[:3, :3] = cv2.Rodrigues(rvec)[0]
+        T[:3, 3] = tvec.ravel()
+        return T
+
+    # ------------------------------------------------------------------ the call
+    def estimate(self, image: np.ndarray, camera: CameraModel, joints: np.ndarray | None = None,
+                 camera_from_base: np.ndarray | None = None, joint_sigma_scale: float = 1.0) -> Estimate:
+        """Estimate the end-effector pose in the camera frame for one frame.
+
+        Args:
+            image: (H, W, 3) uint8 RGB or (H, W) mono.
+            camera: intrinsics of ``image`` (same size).
+            joints: (n,) measured joint positions in :attr:`RobotModel.joint_names` order.
+            camera_from_base: (4, 4) T_camera_base seed (e.g. a calibrated extrinsic);
+                otherwise the last frame's estimate, otherwise PnP on the kinematic keypoints.
+            joint_sigma_scale: widen the joint prior (stale joint states).
+        """
+        cfg = self.config
+        if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.size == 0:
+            raise ValueError(f"image must be a non-empty (H, W[, C]) array, got "
+                             f"{getattr(image, 'shape', type(image))}")
+        H, W = image.shape[:2]
+        if (W, H) != (camera.width, camera.height):
+            raise ValueError(f"image is {W}x{H} but camera info says {camera.width}x{camera.height}")
+        if joints is None:
+            raise ValueError("joint positions are required (the kinematic seed and prior)")
+        q = torch.as_tensor(np.asarray(joints, dtype=np.float64)).reshape(1, -1)
+        if q.shape[1] != self.robot.n_joints:
+            raise ValueError(f"expected {self.robot.n_joints} joints {self.robot.joint_names}, got {q.shape[1]}")
+        if not bool(torch.isfinite(q).all()):
+            raise ValueError("joint positions contain NaN or inf")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        P_base = self.robot.keypoints_3d(q)[0].numpy()  # (K, 3)
+        T_be = self.robot.ee_pose(q)[0].numpy()
+
+        seed_source = ""
+        T_cb = None
+        if camera_from_base is not None:
+            T_cb, seed_source = np.asarray(camera_from_base, dtype=np.float64), "extrinsic"
+        elif self._camera_from_base is not None:
+            T_cb, seed_source = self._camera_from_base, "tracked"
+
+        roi = None
+        if cfg.roi == "kinematic" and T_cb is not None:
+            uv_kin = cv2.projectPoints(P_base, cv2.Rodrigues(T_cb[:3, :3])[0], T_cb[:3, 3], camera.K,
+                                       camera.dist)[0][:, 0]
+            in_front = (P_base @ T_cb[:3, :3].T + T_cb[:3, 3])[:, 2] > 0.05
+            uv_kin[~in_front] = np.nan
+            roi = kinematic_roi(uv_kin, W, H, cfg.roi_margin, self.input_size[1] / self.input_size[0])
+        if roi is None:
+            roi = full_frame_roi(W, H, self.input_size[1] / self.input_size[0])
+        timings["kinematics"] = (time.perf_counter() - t0) * 1e3
+
+        uv, kcov, conf, ms = self.detect(image, roi)
+        timings.update(ms)
+
+        t_solve = time.perf_counter()
+        if T_cb is None:
+            T_cb = self._pnp_seed(P_base, uv, camera)
+            seed_source = "pnp"
+        K = len(uv)
+        mask = torch.as_tensor(conf >= cfg.min_confidence)
+        kin_pose = T_cb @ T_be if T_cb is not None else None
+        if T_cb is None:
+            sol_msg = "no seed: too few keypoints agree on a camera pose (PnP failed)"
+            est = self._failed(uv, kcov, conf, roi, sol_msg, cfg.mode)
+            est.timings_ms = timings
+            return est
+
+        uv_t = torch.as_tensor(uv, dtype=torch.float64)[None]
+        cov_t = torch.as_tensor(kcov, dtype=torch.float64)[None]
+        cam_prior = None
+        if cfg.camera_prior_sigma_m > 0 and seed_source == "extrinsic":
+            cam_prior = (cfg.camera_prior_sigma_m, cfg.camera_prior_sigma_rad)
+        if cfg.mode == "articulated":
+            sol = solve("articulated", uv_t, cov_t, camera, robot=self.robot, joints=q,
+                        initial_camera_from_base=torch.as_tensor(T_cb)[None],
+                        joint_sigma=cfg.joint_sigma * joint_sigma_scale, camera_prior_sigma=cam_prior,
+                        mask=mask[None], config=cfg.solver)
+        else:
+            idx = self._rigid_idx
+            P_ee = self.robot.keypoints_in_ee(q, idx)
+            sol = solve("rigid", uv_t[:, idx], cov_t[:, idx], camera, points=P_ee,
+                        initial_pose=torch.as_tensor(T_cb @ T_be)[None], mask=mask[None, idx], config=cfg.solver)
+        timings["solver"] = (time.perf_counter() - t_solve) * 1e3
+        est = self._to_estimate(sol, uv, kcov, conf, roi, cfg.mode, kin_pose, seed_source)
+        if est.converged and cfg.track_camera and cfg.mode == "articulated":
+            self._camera_from_base = est.camera_from_base
+        elif est.converged and cfg.track_camera and cfg.mode == "rigid":
+            self._camera_from_base = est.pose @ np.linalg.inv(T_be)
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        est.timings_ms = timings
+        return est
+
+    def _failed(self, uv, kcov, conf, roi, msg, mode) -> Estimate:
+        big = np.eye(6) * 1e6
+        return Estimate(pose=np.full((4, 4), np.nan), covariance=big, converged=False, message=msg,
+                        keypoints=uv, keypoint_covariance=kcov, confidence=conf,
+                        inliers=np.zeros(len(uv), bool), residual=float("nan"), residual_px=float("nan"),
+                        iterations=0, mode=mode, roi=roi)
+
+    def _to_estimate(self, sol: PoseSolution, uv, kcov, conf, roi, mode, kin_pose, seed_source) -> Estimate:
+        inl = np.zeros(len(uv), bool)
+        if mode == "rigid":
+            inl[self._rigid_idx] = sol.inliers[0].numpy()
+        else:
+            inl = sol.inliers[0].numpy()
+        return Estimate(
+            pose=sol.pose[0].detach().numpy(), covariance=sol.covariance[0].detach().numpy(),
+            converged=bool(sol.converged[0]), message=sol.message[0], keypoints=uv, keypoint_covariance=kcov,
+            confidence=conf, inliers=inl, residual=float(sol.residual[0]), residual_px=float(sol.residual_px[0]),
+            iterations=int(sol.iterations[0]), mode=mode,
+            camera_from_base=None if sol.camera_from_base is None else sol.camera_from_base[0].detach().numpy(),
+            joints=None if sol.joints is None else sol.joints[0].detach().numpy(),
+            joint_covariance=None if sol.joint_covariance is None else sol.joint_covariance[0].detach().numpy(),
+            kinematic_pose=kin_pose, roi=roi, seed_source=seed_source)
+

@@ -1,0 +1,113 @@
+"""``pose-estimator train`` and ``pose-estimator evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_train_arguments", "cli_train", "add_evaluate_arguments", "cli_evaluate"]
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, help="dataset folder(s) written by `pose-estimator generate`")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, model (re-running resumes)")
+    p.add_argument("--config", help="YAML with TrainConfig fields (network, losses, augment, ...)")
+    p.add_argument("--robot", help="robot definition name or keypoint YAML (default panda)")
+    p.add_argument("--labels", choices=["truth", "labels"],
+                   help="keypoint targets: the simulator's ('truth') or `pose-estimator label` output ('labels')")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-pose-loss", action="store_true", help="switch off the loss through the solver")
+    p.add_argument("--no-displacement-loss", action="store_true", help="switch off the displacement loss")
+    p.add_argument("--install", metavar="PATH", help="copy the finished model here (e.g. resource/models/panda.safetensors)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train_config(args: argparse.Namespace):
+    import yaml
+
+    from .train import config_from_mapping
+
+    data: dict = {}
+    if args.config:
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+    data["data"] = list(args.data)
+    data["out"] = args.out
+    for flag in ("robot", "labels", "steps", "batch_size", "lr", "seed", "device", "threads"):
+        v = getattr(args, flag)
+        if v is not None:
+            data[flag] = v
+    if args.no_pose_loss:
+        data.setdefault("losses", {})["pose"] = 0.0
+    if args.no_displacement_loss:
+        data.setdefault("losses", {})["displacement"] = 0.0
+    return config_from_mapping(data)
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .train import train
+
+    cfg = _train_config(args)
+    row = train(cfg, progress=not args.no_progress)
+    model = Path(cfg.out) / "model.safetensors"
+    if args.install:
+        Path(args.install).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model, args.install)
+        print(f"installed {model} -> {args.install}")
+    print(json.dumps({"model": str(model), **{k: v for k, v in row.items()}}))
+    return 0
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model file (default: the shipped resource/models/<robot>.safetensors)")
+    p.add_argument("--data", required=True, help="held-out dataset folder")
+    p.add_argument("--config", help="estimator YAML (config/estimator.yaml layout)")
+    p.add_argument("--mode", choices=["articulated", "rigid"])
+    p.add_argument("--keypoint-method", choices=["softargmax", "gaussian_fit"])
+    p.add_argument("--unweighted", action="store_true", help="ablation: ignore the keypoint covariances in the solver")
+    p.add_argument("--extrinsic", choices=["given", "none"], default="given",
+                   help="seed camera-from-base with the recording's extrinsic, or find it (PnP, then tracking)")
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--plots", help="folder for the PNG plots (default: beside the model, <model>.eval/)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def default_model(robot: str = "panda") -> Path:
+    from ..robot import resource_dir
+
+    return resource_dir() / "models" / f"{robot}.safetensors"
+
+
+def cli_evaluate(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from .evaluate import dumps, evaluate
+
+    overrides: dict = {}
+    if args.mode:
+        overrides["mode"] = args.mode
+    if args.keypoint_method:
+        overrides["keypoint_method"] = args.keypoint_method
+    if args.unweighted:
+        overrides.setdefault("solver", {})["unweighted"] = True
+    cfg = load_config(args.config, overrides)
+    model = Path(args.model) if args.model else default_model(Path(cfg.robot).stem)
+    plots = Path(args.plots) if args.plots else Path(str(model) + ".eval")
+    m = evaluate(model, args.data, cfg, extrinsic=args.extrinsic, max_frames=args.max_frames, plots_dir=plots,
+                 progress=not args.no_progress)
+    if args.json:
+        print(dumps(m))
+    else:
+        w = max(len(k) for k in m)
+        for k, v in m.items():
+            print(f"{k:<{w}}  {v:.4g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+        print(f"plots: {plots}", file=sys.stderr)
+    return 0

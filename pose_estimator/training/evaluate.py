@@ -1,0 +1,203 @@
+"""Evaluation (FIG. 6): the full estimator on a held-out dataset, against its ground truth.
+
+Frames of one sequence run in order through one :class:`~pose_estimator.estimator.Estimator`
+(reset between sequences), exactly as the node runs them: network, heat-map
+transformation, solver seeded by the measured joints. The camera-from-base
+seed is the sequence's extrinsic (what the node reads from ``/tf_static``)
+unless ``extrinsic='none'``, in which case the first frame is seeded by PnP on
+a whole-frame detection and later frames by the tracked estimate.
+
+Metrics (keys of the JSON line):
+
+``kp_err_px_median``, ``pck5``
+    keypoint error in image px over visible keypoints; share within 5 px.
+``ee_pos_err_mm_median``, ``ee_rot_err_deg_median``
+    end-effector pose error of frames with a published (converged) pose.
+``kinematic_pos_err_mm_median``
+    the same for kinematics alone (measured joints, true extrinsic).
+``add_auc_100mm``
+    DREAM's metric: ADD = mean 3D distance of the keypoints (camera frame)
+    between estimate and truth; area under the accuracy-vs-threshold curve
+    from 0 to 100 mm, normalised to 1. Frames without a pose count as misses.
+``coverage95``
+    share of frames whose true end-effector position lies inside the published
+    95 % ellipsoid (χ²₃ = 7.815).
+``published``
+    share of frames with a pose published.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import EstimatorConfig
+from ..estimator import Estimator
+from ..geometry import rotation_angle
+from ..sim.dataset import SyntheticDataset
+
+__all__ = ["evaluate", "add_auc"]
+
+CHI2_3_95 = 7.814727903251178
+
+
+def add_auc(add_m: np.ndarray, max_threshold_m: float = 0.1, n: int = 1000) -> float:
+    """Area under the ADD accuracy curve on [0, max_threshold], normalised; NaN = miss."""
+    a = np.where(np.isfinite(add_m), add_m, np.inf)
+    th = np.linspace(0.0, max_threshold_m, n)
+    acc = (a[None, :] <= th[:, None]).mean(1)
+    return float(np.trapezoid(acc, th) / max_threshold_m)
+
+
+@dataclass
+class FrameResult:
+    kp_err: np.ndarray
+    kp_sigma: np.ndarray
+    pos_err: float
+    rot_err: float
+    kin_err: float
+    add: float
+    mahal2: float
+    ms: float
+    converged: bool
+
+
+def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None = None, extrinsic: str = "given",
+             max_frames: int | None = None, plots_dir: str | Path | None = None, progress: bool = True,
+             estimator: Estimator | None = None) -> dict:
+    est = estimator or Estimator.from_files(model, config)
+    ds = SyntheticDataset(data)
+    if ds.keypoint_names != est.robot.keypoint_names:
+        raise ValueError(f"dataset keypoints {ds.keypoint_names} differ from the model's {est.robot.keypoint_names}")
+    results: list[FrameResult] = []
+    total = sum(len(s) for s in ds.sequences())
+    if max_frames:
+        total = min(total, max_frames)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="evaluate", dynamic_ncols=True)
+    done = False
+    for seq in ds.sequences():
+        est.reset()
+        for f in seq:
+            if max_frames and len(results) >= max_frames:
+                done = True
+                break
+            cam = f.camera_model()
+            T_cb = f.T_camera_base
+            t0 = time.perf_counter()
+            e = est.estimate(f.image, cam, f.joints_measured, camera_from_base=T_cb if extrinsic == "given" else None)
+            ms = (time.perf_counter() - t0) * 1e3
+            vis = f.keypoints_visible
+            kp_err = np.linalg.norm(e.keypoints - f.keypoints_2d, axis=1)[vis]
+            kp_sigma = np.sqrt(np.trace(e.keypoint_covariance, axis1=1, axis2=2) / 2)[vis]
+            q = torch.as_tensor(f.joints_measured)[None]
+            kin = T_cb @ est.robot.ee_pose(q)[0].numpy()
+            kin_err = float(np.linalg.norm(kin[:3, 3] - f.ee_pose_camera[:3, 3]))
+            P_true = f.keypoints_3d @ f.T_camera_base[:3, :3].T + f.T_camera_base[:3, 3]
+            if e.converged:
+                pos_err = float(np.linalg.norm(e.pose[:3, 3] - f.ee_pose_camera[:3, 3]))
+                rot_err = float(rotation_angle(torch.as_tensor(f.ee_pose_camera[:3, :3].T @ e.pose[:3, :3])))
+                if e.joints is not None and e.camera_from_base is not None:
+                    Pb = est.robot.keypoints_3d(torch.as_tensor(e.joints)[None])[0].numpy()
+                    Tc = e.camera_from_base
+                else:  # rigid: move the kinematic keypoints with the estimated end effector
+                    Pb = est.robot.keypoints_3d(q)[0].numpy()
+                    Tc = e.pose @ np.linalg.inv(est.robot.ee_pose(q)[0].numpy())
+                P_est = Pb @ Tc[:3, :3].T + Tc[:3, 3]
+                add = float(np.linalg.norm(P_est - P_true, axis=1).mean())
+                d = e.pose[:3, 3] - f.ee_pose_camera[:3, 3]
+                try:
+                    mahal2 = float(d @ np.linalg.solve(e.covariance[:3, :3], d))
+                except np.linalg.LinAlgError:
+                    mahal2 = float("inf")
+            else:
+                pos_err = rot_err = add = mahal2 = float("nan")
+            results.append(FrameResult(kp_err, kp_sigma, pos_err, rot_err, kin_err, add, mahal2, ms, e.converged))
+            if bar is not None:
+                bar.update(1)
+        if done:
+            break
+    if bar is not None:
+        bar.close()
+    if not results:
+        raise ValueError(f"{data}: no frames to evaluate")
+    kp = np.concatenate([r.kp_err for r in results]) if results else np.zeros(0)
+    conv = np.array([r.converged for r in results])
+    pos = np.array([r.pos_err for r in results])
+    rot = np.array([r.rot_err for r in results])
+    kin = np.array([r.kin_err for r in results])
+    add = np.array([r.add for r in results])
+    m2 = np.array([r.mahal2 for r in results])
+    med = lambda a: float(np.nanmedian(a)) if np.isfinite(a).any() else float("nan")
+    out = {
+        "frames": len(results),
+        "published": float(conv.mean()),
+        "kp_err_px_median": med(kp),
+        "pck5": float((kp < 5.0).mean()) if kp.size else float("nan"),
+        "ee_pos_err_mm_median": med(pos) * 1e3,
+        "ee_pos_err_mm_p90": float(np.nanpercentile(pos, 90) * 1e3) if np.isfinite(pos).any() else float("nan"),
+        "ee_rot_err_deg_median": float(np.degrees(med(rot))),
+        "kinematic_pos_err_mm_median": med(kin) * 1e3,
+        "add_auc_100mm": add_auc(add),
+        "coverage95": float((m2[conv] <= CHI2_3_95).mean()) if conv.any() else float("nan"),
+        "ms_per_frame": float(np.mean([r.ms for r in results])),
+    }
+    out["improvement_vs_kinematics"] = (out["kinematic_pos_err_mm_median"] / out["ee_pos_err_mm_median"]
+                                        if out["ee_pos_err_mm_median"] > 0 else float("nan"))
+    if plots_dir is not None:
+        _plots(Path(plots_dir), results, add)
+    return out
+
+
+def _plots(out: Path, results: list[FrameResult], add: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    th = np.linspace(0, 0.1, 200)
+    a = np.where(np.isfinite(add), add, np.inf)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(th * 1e3, (a[None] <= th[:, None]).mean(1))
+    ax.set(xlabel="ADD threshold (mm)", ylabel="accuracy", title=f"ADD AUC@100mm = {add_auc(add):.3f}", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "add_curve.png", dpi=100)
+    plt.close(fig)
+
+    kp = np.sort(np.concatenate([r.kp_err for r in results]))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if kp.size:
+        ax.plot(kp, np.arange(1, kp.size + 1) / kp.size)
+    ax.set(xlabel="keypoint error (px)", ylabel="CDF", xscale="log", title="keypoint error (visible keypoints)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "keypoint_error_cdf.png", dpi=100)
+    plt.close(fig)
+
+    err = np.concatenate([r.kp_err for r in results])
+    sig = np.concatenate([r.kp_sigma for r in results])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(sig, err, s=3, alpha=0.3)
+    lim = [max(1e-2, min(sig.min(initial=1), err.min(initial=1))), max(sig.max(initial=1), err.max(initial=1))]
+    ax.plot(lim, lim, "k--", lw=1, label="error = predicted σ")
+    ax.set(xscale="log", yscale="log", xlabel="predicted σ (px)", ylabel="actual error (px)",
+           title="predicted vs actual keypoint error")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "predicted_vs_true_error.png", dpi=100)
+    plt.close(fig)
+    (out / "README.txt").write_text("Plots written by `pose-estimator evaluate`.\n")
+
+
+def dumps(metrics: dict) -> str:
+    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})

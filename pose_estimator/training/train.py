@@ -1,0 +1,278 @@
+"""End-to-end training of HeatmapNet (FIG. 4): resumable, deterministic, CPU or GPU, one or many processes.
+
+Each step draws its batch and augmentation from ``numpy.random.default_rng((seed, step))``,
+so a run resumed from a checkpoint continues exactly as if it had never
+stopped, whatever the number of loader threads. A checkpoint (``RUN/checkpoint.pt``,
+written atomically every ``checkpoint_every`` steps and at the end) holds the
+network, optimiser and scheduler state as tensors and plain numbers, loaded
+with ``torch.load(weights_only=True)``; the finished model is a safetensors file
+(``RUN/model.safetensors``) that :func:`pose_estimator.model_io.load_model` reads.
+
+Metrics go to ``RUN/metrics.csv`` and, when TensorBoard is installed, to
+``RUN/tensorboard/``. Under ``torchrun`` each process trains on its slice of
+every batch (DistributedDataParallel; NCCL on GPUs, Gloo on CPUs) and rank 0
+writes. CUDA with mixed precision is used when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import from_dict, to_dict
+from ..model_io import save_model
+from ..network import HeatmapNet, HeatmapNetConfig
+from ..robot import RobotModel
+from ..solver import SolverConfig
+from .data import AugmentConfig, TrainingData, collate
+from .losses import heatmap_loss, keypoint_nll, pose_losses, soft_argmax_outputs
+
+__all__ = ["LossWeights", "TrainConfig", "train", "load_checkpoint"]
+
+
+@dataclass
+class LossWeights:
+    heatmap: float = 1.0
+    keypoint_nll: float = 0.05
+    pose: float = 0.05
+    displacement: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/panda"
+    robot: str = "panda"
+    labels: str = "truth"  # 'truth' (simulator keypoints) or 'labels' (pose-estimator label output)
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    temperature: float = 1.0
+    heatmap_sigma: float = 1.5  # heat-map px: the target Gaussian's width
+    #: the solver-based losses start here (the keypoints must be roughly right first)
+    pose_start_step: int = 500
+    #: solver mode of the pose and displacement losses ('articulated' as the estimator runs, or 'rigid')
+    pose_loss_mode: str = "articulated"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    loader_threads: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision on CUDA
+    network: HeatmapNetConfig = field(default_factory=HeatmapNetConfig)
+    losses: LossWeights = field(default_factory=LossWeights)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise ValueError("batch_size must be even and >= 2 (frames come in pairs for the displacement loss)")
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint without executing code (``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def _dist_info() -> tuple[int, int]:
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, ws
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
+    """Train (or resume) into ``cfg.out``; returns the final metrics row."""
+    rank, world = _dist_info()
+    if cfg.device == "auto":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    else:
+        device = torch.device(cfg.device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    robot = RobotModel.from_yaml(cfg.robot)
+    net_cfg = dataclasses.replace(cfg.network, num_keypoints=robot.num_keypoints)
+    data = TrainingData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, labels=cfg.labels, augment=cfg.augment)
+    net = HeatmapNet(net_cfg).to(device)
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    ckpt_path = out / "checkpoint.pt"
+    cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
+    start = 0
+    if ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        saved = json.loads(ck["config"])
+        mine = json.loads(cfg_json)
+        # Only the length of the run may change on resume.
+        for k in ("steps",):
+            saved.pop(k, None)
+            mine.pop(k, None)
+        if saved != mine:
+            raise ValueError(f"{ckpt_path} was written with different settings; use another --out or the "
+                             "same settings (only --steps may change)")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if "scaler" in ck and use_amp:
+            scaler.load_state_dict(ck["scaler"])
+        start = int(ck["step"])
+        if rank == 0:
+            log(f"resuming {out} at step {start}/{cfg.steps}")
+    model = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+
+    writer = None
+    csv_path = out / "metrics.csv"
+    fields = ["step", "lr", "loss", "heatmap", "keypoint_nll", "pose", "displacement", "kp_err_px",
+              "pose_err_mm", "pose_ok", "sec_per_step"]
+    if rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"), purge_step=start)
+        except ImportError:
+            writer = None
+        if start == 0 or not csv_path.is_file():
+            with open(csv_path, "w", newline="") as fh:
+                csv.writer(fh).writerow(fields)
+        else:  # drop rows past the checkpoint (written after it, before a crash)
+            rows = list(csv.reader(open(csv_path)))
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start]
+            with open(csv_path, "w", newline="") as fh:
+                csv.writer(fh).writerows(keep)
+
+    solver_cfg = SolverConfig(max_iterations=15)
+    pool = ThreadPoolExecutor(max(1, cfg.loader_threads))
+
+    def make_batch(step: int):
+        rng = np.random.default_rng((cfg.seed, step))
+        idx = data.sample_pairs(rng, cfg.batch_size // 2)
+        idx = idx[rank::world] if world > 1 else idx
+        seeds = rng.integers(0, 2**63 - 1, size=len(idx))
+        samples = list(pool.map(lambda a: data.load(a[0], np.random.default_rng(a[1])), zip(idx, seeds)))
+        return collate(samples)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+    pending = pool.submit(make_batch, start) if start < cfg.steps else None
+    row: dict = {}
+    t_last = time.perf_counter()
+    model.train()
+    for step in range(start, cfg.steps):
+        batch = pending.result()
+        pending = pool.submit(make_batch, step + 1) if step + 1 < cfg.steps else None
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        x = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(x)
+        logits = logits.float().cpu() if device.type != "cpu" else logits
+        w = batch["kp_weight"]
+        lw = cfg.losses
+        terms: dict[str, torch.Tensor] = {}
+        if lw.heatmap > 0:
+            terms["heatmap"] = heatmap_loss(logits, batch["kp_hm"].float(), w.float(), cfg.heatmap_sigma)
+        mean, cov = soft_argmax_outputs(logits, cfg.temperature)
+        if lw.keypoint_nll > 0:
+            terms["keypoint_nll"] = keypoint_nll(mean, cov, batch["kp_hm"], w)
+        stats: dict = {}
+        if (lw.pose > 0 or lw.displacement > 0) and step >= cfg.pose_start_step:
+            lp, ld, stats = pose_losses(mean, cov, batch, robot, solver_cfg, mode=cfg.pose_loss_mode,
+                                        with_displacement=lw.displacement > 0)
+            if lw.pose > 0:
+                terms["pose"] = lp
+            if lw.displacement > 0:
+                terms["displacement"] = ld
+        loss = sum(getattr(lw, k) * v.to(torch.float64) for k, v in terms.items())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        scaler.step(opt)
+        scaler.update()
+
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            with torch.no_grad():
+                valid = w > 0
+                err = (torch.nan_to_num(mean - batch["kp_hm"]).norm(dim=-1) * cfg.network.stride)[valid]
+            now = time.perf_counter()
+            row = {"step": done, "lr": opt.param_groups[0]["lr"], "loss": float(loss.detach()),
+                   **{k: float(terms[k].detach()) if k in terms else float("nan")
+                      for k in ("heatmap", "keypoint_nll", "pose", "displacement")},
+                   "kp_err_px": float(err.median()) if err.numel() else float("nan"),
+                   "pose_err_mm": stats.get("pose_err_mm", float("nan")),
+                   "pose_ok": stats.get("pose_ok", float("nan")),
+                   "sec_per_step": (now - t_last) / cfg.log_every}
+            t_last = now
+            with open(csv_path, "a", newline="") as fh:
+                csv.writer(fh).writerow([row[k] for k in fields])
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "step" and v == v:
+                        writer.add_scalar(k, v, done)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", kp_px=f"{row['kp_err_px']:.2f}")
+        if bar is not None:
+            bar.update(1)
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": done, "config": cfg_json}
+            if use_amp:
+                ck["scaler"] = scaler.state_dict()
+            _atomic_torch_save(ck, ckpt_path)
+    if bar is not None:
+        bar.close()
+    pool.shutdown(wait=False, cancel_futures=True)
+    if rank == 0:
+        save_model(out / "model.safetensors", net.cpu(), robot=cfg.robot if "/" not in cfg.robot else "",
+                   keypoint_names=robot.keypoint_names,
+                   extra={"train_config": json.loads(cfg_json), "steps": cfg.steps})
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return row
+
+
+def config_from_mapping(data: dict) -> TrainConfig:
+    return from_dict(TrainConfig, data, "train config")

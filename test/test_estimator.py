@@ -1,0 +1,93 @@
+"""Estimator and model files: the FIG. 3 call end to end, bad inputs, safe loading."""
+
+import numpy as np
+import pytest
+import torch
+
+from pose_estimator.config import EstimatorConfig
+from pose_estimator.estimator import Estimator, kinematic_roi
+from pose_estimator.geometry import CameraModel
+from pose_estimator.model_io import ModelFormatError, load_model, save_model
+from pose_estimator.network import HeatmapNet, HeatmapNetConfig
+from pose_estimator.robot import RobotModel
+
+
+@pytest.fixture(scope="module")
+def robot():
+    return RobotModel.from_yaml("panda")
+
+
+@pytest.fixture(scope="module")
+def tiny_net(robot):
+    torch.manual_seed(0)
+    return HeatmapNet(HeatmapNetConfig(num_keypoints=robot.num_keypoints, input_size=(64, 64), base_width=4, depth=2))
+
+
+@pytest.fixture
+def camera():
+    return CameraModel(np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]]), 640, 480)
+
+
+def test_model_round_trip_and_bad_files(tmp_path, robot, tiny_net):
+    p = save_model(tmp_path / "m.safetensors", tiny_net, robot="panda", keypoint_names=robot.keypoint_names)
+    net, info = load_model(p)
+    assert info["robot"] == "panda" and info["keypoint_names"] == robot.keypoint_names
+    for k, v in tiny_net.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k])
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.safetensors")
+    (tmp_path / "trunc.safetensors").write_bytes(p.read_bytes()[:200])
+    with pytest.raises(ModelFormatError):
+        load_model(tmp_path / "trunc.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(ModelFormatError):
+        load_model(tmp_path / "text.safetensors")
+    # a pickle is never executed: it is simply not a model
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pickle.pt")
+    with pytest.raises(ModelFormatError):
+        load_model(tmp_path / "pickle.pt")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"})
+    with pytest.raises(ModelFormatError, match="not a pose_estimator model"):
+        load_model(tmp_path / "other.safetensors")
+
+
+def test_estimator_rejects_bad_input(robot, tiny_net, camera):
+    est = Estimator(robot, tiny_net, EstimatorConfig())
+    q = np.zeros(robot.n_joints)
+    with pytest.raises(ValueError, match="non-empty"):
+        est.estimate(np.zeros((0, 0, 3), np.uint8), camera, q)
+    with pytest.raises(ValueError, match="camera info says"):
+        est.estimate(np.zeros((100, 100, 3), np.uint8), camera, q)
+    with pytest.raises(ValueError, match="NaN"):
+        est.estimate(np.zeros((480, 640, 3), np.uint8), camera, np.full(robot.n_joints, np.nan))
+    with pytest.raises(ValueError, match="expected"):
+        est.estimate(np.zeros((480, 640, 3), np.uint8), camera, np.zeros(3))
+    with pytest.raises(ValueError, match="keypoints"):
+        Estimator(robot, HeatmapNet(HeatmapNetConfig(num_keypoints=3, input_size=(64, 64), base_width=4, depth=2)))
+
+
+def test_untrained_network_gives_no_confident_pose(robot, tiny_net, camera):
+    """Flat heat maps: the estimator must not publish a tight pose."""
+    est = Estimator(robot, tiny_net, EstimatorConfig())
+    q = robot.random_configuration(1, generator=torch.Generator().manual_seed(1))[0].numpy()
+    T_cb = np.eye(4)
+    T_cb[:3, 3] = [0, 0.2, 1.8]
+    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])  # camera looking along base +x
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    e = est.estimate(img, camera, q, camera_from_base=T_cb)
+    assert e.keypoints.shape == (robot.num_keypoints, 2)
+    assert np.allclose(e.keypoint_covariance, np.swapaxes(e.keypoint_covariance, 1, 2))
+    pos_sigma = np.sqrt(np.linalg.eigvalsh(e.covariance[:3, :3]).max())
+    assert (not e.converged) or pos_sigma > 0.05, (e.converged, pos_sigma, e.message)
+
+
+def test_kinematic_roi():
+    uv = np.array([[100.0, 100], [200, 150], [np.nan, np.nan]])
+    x0, y0, x1, y1 = kinematic_roi(uv, 640, 480, margin=0.25, aspect=1.0)
+    assert x0 < 100 and x1 > 200 and y0 < 100 and y1 > 150
+    assert np.isclose(x1 - x0, y1 - y0)
+    assert kinematic_roi(np.full((3, 2), np.nan), 640, 480, 0.25, 1.0) is None
+    assert kinematic_roi(np.array([[-900.0, -900], [-800, -850]]), 640, 480, 0.25, 1.0) is None
