@@ -15,19 +15,30 @@ from . import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_solver_demo
+    if args.solver_only:
+        from .demo import run_solver_demo
 
-    run_solver_demo(args.robot, frames=args.frames, seed=args.seed, as_json=args.json)
-    return 0
+        run_solver_demo(args.robot, frames=args.frames, seed=args.seed, as_json=args.json)
+        return 0
+    from .demo import run_node_demo
+
+    return run_node_demo(robot=args.robot, model=args.model, out=args.out, frames=args.frames, seed=args.seed,
+                         as_json=args.json)
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the main job on an embedded default and print a table",
-                       description="Recover a sloppy arm's end-effector pose from kinematics-seeded "
-                                   "noisy keypoints and compare against kinematics alone.")
+    p = sub.add_parser("demo", help="the main job: a simulated sloppy Panda played into the node, scored",
+                       description="Generate (or reuse) a rosbag2 recording of the simulated Panda with sloppy "
+                                   "joint sensors, play it into the pose_estimator node (real DDS on loopback) "
+                                   "and print end-effector error (kinematics alone vs the node), rate and "
+                                   "latency; writes a few debug frames as PNG.")
     p.add_argument("--robot", default="panda", help="robot definition name or keypoint YAML path")
-    p.add_argument("--frames", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="model file (default: resource/models/<robot>.safetensors)")
+    p.add_argument("--out", default="out/demo", help="folder for the recording and the debug PNGs")
+    p.add_argument("--frames", type=int, default=150, help="frames in the recording (30 Hz)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--solver-only", action="store_true",
+                   help="skip rendering and the node: the solver alone on kinematics-seeded noisy keypoints")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.set_defaults(func=_cmd_demo)
 

@@ -78,7 +78,7 @@ def test_every_loss_decreases_and_gradients_pass_the_solver(dataset, robot):
     net.zero_grad()
     before["displacement"].backward()
     assert net.net.stem[0][0].weight.grad.abs().sum() > 0
-    before = {k: float(v) for k, v in before.items()}
+    before = {k: float(v.detach()) for k, v in before.items()}
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     for _ in range(30):
         terms, _ = _losses(net, batch, robot, rigid)

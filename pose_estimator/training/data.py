@@ -169,8 +169,9 @@ class TrainingData:
         for _ in range(n_pairs):
             members = self._by_seq[keys[int(rng.integers(len(keys)))]]
             a = int(rng.integers(len(members)))
-            b = int(np.clip(a + rng.integers(1, max_gap + 1) * (1 if rng.random() < 0.5 else -1), 0,
-                            len(members) - 1))
+            step = int(rng.integers(1, max_gap + 1)) * (1 if rng.random() < 0.5 else -1)
+            b = a + step if 0 <= a + step < len(members) else a - step  # never the same frame twice
+            b = int(np.clip(b, 0, len(members) - 1))
             out += [members[a], members[b]]
         return out
 

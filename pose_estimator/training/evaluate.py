@@ -104,7 +104,7 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
             P_true = f.keypoints_3d @ f.T_camera_base[:3, :3].T + f.T_camera_base[:3, 3]
             if e.converged:
                 pos_err = float(np.linalg.norm(e.pose[:3, 3] - f.ee_pose_camera[:3, 3]))
-                rot_err = float(rotation_angle(torch.as_tensor(f.ee_pose_camera[:3, :3].T @ e.pose[:3, :3])))
+                rot_err = float(rotation_angle(torch.as_tensor(f.ee_pose_camera[:3, :3]), torch.as_tensor(e.pose[:3, :3])))
                 if e.joints is not None and e.camera_from_base is not None:
                     Pb = est.robot.keypoints_3d(torch.as_tensor(e.joints)[None])[0].numpy()
                     Tc = e.camera_from_base

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..geometry import CameraModel, so3_log, undistort_points
+from ..geometry import CameraModel, undistort_points
 from ..keypoints import gaussian_targets, keypoints_to_image, soft_argmax2d
 from ..solver import SolverConfig, solve
 
@@ -47,11 +47,16 @@ def keypoint_nll(mean: torch.Tensor, cov: torch.Tensor, kp_hm: torch.Tensor, wei
     return _wmean(nll, weight.to(mean.dtype))
 
 
-def pose_error(T: torch.Tensor, T_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position error (m) and rotation error (rad) between batches of 4x4 poses."""
-    dt = (T[:, :3, 3] - T_ref[:, :3, 3]).norm(dim=-1)
-    dR = T_ref[:, :3, :3].transpose(-1, -2) @ T[:, :3, :3]
-    return dt, so3_log(dR).norm(dim=-1)
+def pose_error(T: torch.Tensor, T_ref: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position error (m) and rotation error (rad) between batches of 4x4 poses.
+
+    Smooth everywhere, identical poses included (a norm or an arccos has no
+    gradient at zero error): position sqrt(|dt|² + eps), rotation
+    2·arcsin(‖R − R_ref‖_F / √8), the chordal form of the angle.
+    """
+    dt = torch.sqrt(((T[:, :3, 3] - T_ref[:, :3, 3]) ** 2).sum(-1) + eps)
+    chord = torch.sqrt(((T[:, :3, :3] - T_ref[:, :3, :3]) ** 2).sum((-1, -2)) + eps)
+    return dt, 2 * torch.asin((chord / math.sqrt(8)).clamp(max=1 - 1e-9))
 
 
 def pose_losses(mean_hm: torch.Tensor, cov_hm: torch.Tensor, batch: dict, robot, solver_config: SolverConfig,

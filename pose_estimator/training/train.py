@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     writer = None
     csv_path = out / "metrics.csv"
     fields = ["step", "lr", "loss", "heatmap", "keypoint_nll", "pose", "displacement", "kp_err_px",
-              "pose_err_mm", "pose_ok", "sec_per_step"]
+              "pose_err_mm", "pose_ok", "skipped_steps", "sec_per_step"]
     if rank == 0:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -174,19 +174,22 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
                 csv.writer(fh).writerow(fields)
         else:  # drop rows past the checkpoint (written after it, before a crash)
             rows = list(csv.reader(open(csv_path)))
-            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start]
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start]
             with open(csv_path, "w", newline="") as fh:
                 csv.writer(fh).writerows(keep)
 
     solver_cfg = SolverConfig(max_iterations=15)
-    pool = ThreadPoolExecutor(max(1, cfg.loader_threads))
+    # One thread prepares the next batch while this one trains; it fans the samples out to the loaders
+    # (separate pools: a batch waiting on its own pool's threads would deadlock).
+    loaders = ThreadPoolExecutor(max(1, cfg.loader_threads))
+    pool = ThreadPoolExecutor(1)
 
     def make_batch(step: int):
         rng = np.random.default_rng((cfg.seed, step))
         idx = data.sample_pairs(rng, cfg.batch_size // 2)
         idx = idx[rank::world] if world > 1 else idx
         seeds = rng.integers(0, 2**63 - 1, size=len(idx))
-        samples = list(pool.map(lambda a: data.load(a[0], np.random.default_rng(a[1])), zip(idx, seeds)))
+        samples = list(loaders.map(lambda a: data.load(a[0], np.random.default_rng(a[1])), zip(idx, seeds)))
         return collate(samples)
 
     bar = None
@@ -196,6 +199,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     pending = pool.submit(make_batch, start) if start < cfg.steps else None
     row: dict = {}
+    skipped = 0
     t_last = time.perf_counter()
     model.train()
     for step in range(start, cfg.steps):
@@ -227,8 +231,14 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        scaler.step(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        if torch.isfinite(loss) and torch.isfinite(gnorm):
+            scaler.step(opt)
+        else:  # a non-finite loss or gradient never reaches the weights
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            if use_amp:
+                scaler.step(opt)  # lets the scaler lower its scale
         scaler.update()
 
         done = step + 1
@@ -242,7 +252,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
                       for k in ("heatmap", "keypoint_nll", "pose", "displacement")},
                    "kp_err_px": float(err.median()) if err.numel() else float("nan"),
                    "pose_err_mm": stats.get("pose_err_mm", float("nan")),
-                   "pose_ok": stats.get("pose_ok", float("nan")),
+                   "pose_ok": stats.get("pose_ok", float("nan")), "skipped_steps": skipped,
                    "sec_per_step": (now - t_last) / cfg.log_every}
             t_last = now
             with open(csv_path, "a", newline="") as fh:
@@ -263,6 +273,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     if bar is not None:
         bar.close()
     pool.shutdown(wait=False, cancel_futures=True)
+    loaders.shutdown(wait=False, cancel_futures=True)
     if rank == 0:
         save_model(out / "model.safetensors", net.cpu(), robot=cfg.robot if "/" not in cfg.robot else "",
                    keypoint_names=robot.keypoint_names,

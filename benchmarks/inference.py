@@ -1,0 +1,142 @@
+"""Time per frame of the network stage on this CPU: preprocess + HeatmapNet + heat-map transformation.
+
+Runs, side by side in one process on the same 640x480 frames:
+
+* ours: crop/resize (Preprocessor) + HeatmapNet (the shipped model when present,
+  else the default architecture untrained: the cost is the same) + soft-argmax
+  with covariance + mapping back to image pixels;
+* the network alone, and the soft-argmax and the Gaussian fit alone;
+* a peer for scale: OpenCV's ArUco marker detector on the same frames (the
+  classic fiducial approach to finding a hand in an image).
+
+Prints a table; the last line is one JSON object with ``ms_per_frame_median``,
+``input_size``, ``peak_rss_mb`` and the other figures.
+
+    python benchmarks/inference.py [--frames 200] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from pose_estimator.keypoints import gaussian_fit2d, heatmap_to_input_affine, keypoints_to_image, soft_argmax2d
+from pose_estimator.model_io import load_model
+from pose_estimator.network import HeatmapNet, HeatmapNetConfig
+from pose_estimator.preprocess import Preprocessor, compose_affine
+from pose_estimator.robot import resource_dir
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Textured 640x480 frames with an ArUco marker (so the peer has something to find)."""
+    rng = np.random.default_rng(seed)
+    d = cv2.aruco.getPredefinedDictionary(cv2.aruco.DICT_4X4_50)
+    marker = cv2.aruco.generateImageMarker(d, 7, 120)
+    out = []
+    for _ in range(n):
+        img = cv2.GaussianBlur(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8), (7, 7), 0)
+        x, y = int(rng.integers(0, 500)), int(rng.integers(0, 340))
+        img[y:y + 140, x:x + 140] = 255
+        img[y + 10:y + 130, x + 10:x + 130] = marker[:, :, None]
+        out.append(img)
+    return out
+
+
+def timed(fn, items, warmup: int = 5) -> list[float]:
+    for it in items[:warmup]:
+        fn(it)
+    ts = []
+    for it in items:
+        t0 = time.perf_counter()
+        fn(it)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return ts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--model", default=str(resource_dir() / "models" / "panda.safetensors"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if Path(args.model).is_file():
+        net, _ = load_model(args.model)
+        which = Path(args.model).name
+    else:
+        net = HeatmapNet(HeatmapNetConfig()).eval()
+        which = "default architecture (untrained)"
+    cfg = net.config
+    pre = Preprocessor(cfg.input_size)
+    A_hm = heatmap_to_input_affine(cfg.stride)
+    imgs = frames(args.frames)
+    roi = (180.0, 100.0, 460.0, 380.0)
+
+    @torch.inference_mode()
+    def ours(img):
+        x, A = pre(img, roi)
+        logits = net(x[None]).double()
+        mean, cov = soft_argmax2d(logits)
+        return keypoints_to_image(mean, cov, torch.as_tensor(compose_affine(A, A_hm)))
+
+    x0 = pre(imgs[0], roi)[0][None]
+
+    @torch.inference_mode()
+    def net_only(_):
+        return net(x0)
+
+    with torch.inference_mode():
+        logits0 = net(x0).double()
+    sa = lambda _: soft_argmax2d(logits0)
+    gf = lambda _: gaussian_fit2d(logits0)
+    detector = cv2.aruco.ArucoDetector(cv2.aruco.getPredefinedDictionary(cv2.aruco.DICT_4X4_50),
+                                       cv2.aruco.DetectorParameters())
+    grey = [cv2.cvtColor(i, cv2.COLOR_RGB2GRAY) for i in imgs]
+    aruco = lambda g: detector.detectMarkers(g)
+
+    rows = {
+        "ours (preprocess + network + soft-argmax)": timed(ours, imgs),
+        "network alone": timed(net_only, imgs),
+        "soft-argmax alone": timed(sa, imgs),
+        "Gaussian fit alone": timed(gf, imgs),
+        "OpenCV ArUco detectMarkers (peer)": timed(aruco, grey),
+    }
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    p95 = {k: float(np.percentile(v, 95)) for k, v in rows.items()}
+    print(f"model: {which}; input {cfg.input_size[1]}x{cfg.input_size[0]}, heat maps at stride {cfg.stride}, "
+          f"{cfg.num_keypoints} keypoints; {args.threads} torch thread(s); {len(imgs)} frames 640x480")
+    print(f"{'stage':<45} {'median ms':>10} {'p95 ms':>8}")
+    for k in rows:
+        print(f"{k:<45} {med[k]:>10.2f} {p95[k]:>8.2f}")
+    ours_ms = med["ours (preprocess + network + soft-argmax)"]
+    peer = med["OpenCV ArUco detectMarkers (peer)"]
+    print(f"ours / ArUco detection: {ours_ms / peer:.2f}x   target: <= 25 ms per frame")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "ms_per_frame_median": round(ours_ms, 3),
+        "ms_per_frame_p95": round(p95["ours (preprocess + network + soft-argmax)"], 3),
+        "fps": round(1000 / ours_ms, 1),
+        "input_size": list(cfg.input_size),
+        "network_ms_median": round(med["network alone"], 3),
+        "softargmax_ms_median": round(med["soft-argmax alone"], 3),
+        "gaussian_fit_ms_median": round(med["Gaussian fit alone"], 3),
+        "aruco_ms_median": round(peer, 3),
+        "ratio_vs_aruco": round(ours_ms / peer, 3),
+        "threads": args.threads,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "model": which,
+        "peak_rss_mb": round(rss, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
