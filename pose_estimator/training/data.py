@@ -33,7 +33,7 @@ from ..estimator import kinematic_roi
 from ..keypoints import heatmap_to_input_affine
 from ..preprocess import Preprocessor, compose_affine, full_frame_roi, invert_affine
 from ..robot import RobotModel
-from ..sim.dataset import SyntheticDataset
+from ..sim.dataset import SyntheticDataset, pose7_to_matrix
 
 __all__ = ["AugmentConfig", "TrainingData", "Sample", "collate"]
 
@@ -155,7 +155,7 @@ class TrainingData:
             if not line.strip():
                 continue
             r = json.loads(line)
-            ok = r.get("source") in ("fiducial", "interpolated") and r.get("T_camera_ee") is not None
+            ok = r.get("source") in ("fiducial", "interpolated") and r.get("ee_pose_camera") is not None
             out.append(r if ok else None)
         return out
 
@@ -218,7 +218,7 @@ class TrainingData:
             ee_target = f.ee_pose_camera
             pose_weight = 1.0
         else:
-            ee_target = np.asarray(lab["T_camera_ee"], dtype=np.float64).reshape(4, 4)
+            ee_target = pose7_to_matrix(lab["ee_pose_camera"])
             P_ee = self.robot.keypoints_in_ee(qt, self.rigid)[0].numpy()
             Pc = P_ee @ ee_target[:3, :3].T + ee_target[:3, 3]
             uv = cv2.projectPoints(Pc, np.zeros(3), np.zeros(3), f.K, f.dist)[0][:, 0]
@@ -226,7 +226,7 @@ class TrainingData:
             kp_img[self.rigid] = uv
             weight = np.zeros(self.robot.num_keypoints)
             weight[self.rigid] = 1.0
-            cov = np.asarray(lab.get("covariance", np.eye(6) * 1e-6), dtype=np.float64).reshape(6, 6)
+            cov = np.asarray(lab.get("ee_covariance", np.eye(6) * 1e-6), dtype=np.float64).reshape(6, 6)
             sigma_mm = float(np.sqrt(np.trace(cov[:3, :3]) / 3)) * 1e3
             pose_weight = float(1.0 / (1.0 + (sigma_mm / 2.0) ** 2))
             weight *= pose_weight
