@@ -177,16 +177,6 @@ class RobotDefinition:
         )
 
 
-def _skew(v: torch.Tensor) -> torch.Tensor:
-    """(..., 3) -> (..., 3, 3) cross-product matrix."""
-    z = torch.zeros_like(v[..., 0])
-    return torch.stack([
-        torch.stack([z, -v[..., 2], v[..., 1]], -1),
-        torch.stack([v[..., 2], z, -v[..., 0]], -1),
-        torch.stack([-v[..., 1], v[..., 0], z], -1),
-    ], -2)
-
-
 class RobotModel:
     """Batched differentiable kinematics for the keypoints of one robot.
 

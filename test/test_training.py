@@ -87,7 +87,7 @@ def test_every_loss_decreases_and_gradients_pass_the_solver(dataset, robot):
         loss.backward()
         opt.step()
     after, _ = _losses(net, batch, robot, rigid)
-    after = {k: float(v) for k, v in after.items()}
+    after = {k: float(v.detach()) for k, v in after.items()}
     for k in before:
         assert after[k] < before[k], (k, before[k], after[k])
 
