@@ -99,13 +99,19 @@ def test_training_resumes_exactly(dataset, tmp_path):
     train(full, progress=False)
     part = TrainConfig(out=str(tmp_path / "part"), steps=3, **common)
     train(part, progress=False)
+    # a new run started from the part-way checkpoint continues exactly too (ablations share a first phase)
+    branch = TrainConfig(out=str(tmp_path / "branch"), steps=6, init_from=str(tmp_path / "part" / "checkpoint.pt"),
+                         **common)
+    train(branch, progress=False)
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["step"] == 3
     resumed = TrainConfig(out=str(tmp_path / "part"), steps=6, **common)
     train(resumed, progress=False)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
+    c = load_checkpoint(tmp_path / "branch" / "checkpoint.pt")["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+        assert torch.allclose(a[k].float(), c[k].float(), atol=1e-6), k
     rows = list(csv.DictReader(open(tmp_path / "part" / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     # other settings on resume are refused

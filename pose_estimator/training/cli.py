@@ -25,6 +25,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-pose-loss", action="store_true", help="switch off the loss through the solver")
     p.add_argument("--no-displacement-loss", action="store_true", help="switch off the displacement loss")
+    p.add_argument("--init-from", help="start from another run's checkpoint.pt (weights, optimiser, step)")
     p.add_argument("--install", metavar="PATH", help="copy the finished model here (e.g. resource/models/panda.safetensors)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -39,7 +40,7 @@ def _train_config(args: argparse.Namespace):
         data = yaml.safe_load(Path(args.config).read_text()) or {}
     data["data"] = list(args.data)
     data["out"] = args.out
-    for flag in ("robot", "labels", "steps", "batch_size", "lr", "seed", "device", "threads"):
+    for flag in ("robot", "labels", "steps", "batch_size", "lr", "seed", "device", "threads", "init_from"):
         v = getattr(args, flag)
         if v is not None:
             data[flag] = v

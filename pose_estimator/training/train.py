@@ -72,6 +72,9 @@ class TrainConfig:
     loader_threads: int = 2
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA
+    #: start a new run from another run's checkpoint (weights, optimiser, step), e.g. for ablations
+    #: that share a first phase; ignored when this run has a checkpoint of its own
+    init_from: str = ""
     network: HeatmapNetConfig = field(default_factory=HeatmapNetConfig)
     losses: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -140,7 +143,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         saved = json.loads(ck["config"])
         mine = json.loads(cfg_json)
         # Only the length of the run may change on resume.
-        for k in ("steps",):
+        for k in ("steps", "init_from"):
             saved.pop(k, None)
             mine.pop(k, None)
         if saved != mine:
@@ -153,6 +156,13 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         start = int(ck["step"])
         if rank == 0:
             log(f"resuming {out} at step {start}/{cfg.steps}")
+    elif cfg.init_from:
+        ck = load_checkpoint(cfg.init_from)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start = int(ck["step"])
+        if rank == 0:
+            log(f"starting {out} from {cfg.init_from} at step {start}")
     model = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
