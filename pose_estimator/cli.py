@@ -57,6 +57,8 @@ _EXTERNAL = [
      "train HeatmapNet end to end on a labelled dataset (resumable)"),
     ("evaluate", "pose_estimator.training.cli", "add_evaluate_arguments", "cli_evaluate",
      "run the full estimator on a held-out dataset and report accuracy"),
+    ("calibrate", "pose_estimator.training.cli", "add_calibrate_arguments", "cli_calibrate",
+     "fit the factor that makes a model's keypoint covariances honest on held-out data"),
     ("play", "pose_estimator.ros.player", "add_play_arguments", "cli_play",
      "publish a rosbag2 recording with its recorded timing (like ros2 bag play)"),
 ]

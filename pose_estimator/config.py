@@ -59,6 +59,9 @@ class EstimatorConfig:
     camera_prior_sigma_rad: float = 0.05
     #: minimum keypoint confidence to be used by the solver
     min_confidence: float = 0.0
+    #: multiplies every keypoint covariance the heat maps report: a calibration of the network's
+    #: variance against its actual error on held-out data (1 = trust the heat maps as they are)
+    keypoint_variance_scale: float = 1.0
     network: NetworkSettings = field(default_factory=NetworkSettings)
     solver: SolverConfig = field(default_factory=SolverConfig)
 
@@ -69,8 +72,8 @@ class EstimatorConfig:
             raise ValueError(f"keypoint_method must be 'softargmax' or 'gaussian_fit', got '{self.keypoint_method}'")
         if self.roi not in ("kinematic", "full"):
             raise ValueError(f"roi must be 'kinematic' or 'full', got '{self.roi}'")
-        if self.temperature <= 0 or self.joint_sigma <= 0:
-            raise ValueError("temperature and joint_sigma must be > 0")
+        if self.temperature <= 0 or self.joint_sigma <= 0 or self.keypoint_variance_scale <= 0:
+            raise ValueError("temperature, joint_sigma and keypoint_variance_scale must be > 0")
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:

@@ -97,6 +97,9 @@ class Estimator:
         self.hm_affine = heatmap_to_input_affine(ncfg.stride)
         self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
+        #: the model's own calibration of its heat-map variance (``pose-estimator calibrate``);
+        #: ``config.keypoint_variance_scale`` multiplies on top of it
+        self.model_variance_scale = 1.0
 
     @classmethod
     def from_files(cls, model: str | Path, config: EstimatorConfig | None = None,
@@ -110,7 +113,9 @@ class Estimator:
         if info["keypoint_names"] and info["keypoint_names"] != robot.keypoint_names:
             raise ValueError(f"model {model} was trained for keypoints {info['keypoint_names']}, "
                              f"robot definition has {robot.keypoint_names}")
-        return cls(robot, net, cfg, device=device)
+        est = cls(robot, net, cfg, device=device)
+        est.model_variance_scale = float(info["extra"].get("keypoint_variance_scale", 1.0))
+        return est
 
     def reset(self) -> None:
         """Forget the tracked camera-from-base (e.g. when a recording loops)."""
@@ -132,6 +137,7 @@ class Estimator:
             mean, cov = soft_argmax2d(logits, temperature=self.config.temperature)
         A = compose_affine(np.asarray(affine, dtype=np.float64), self.hm_affine)
         uv, cov_img = keypoints_to_image(mean, cov, torch.as_tensor(A, dtype=torch.float64))
+        cov_img = cov_img * (self.config.keypoint_variance_scale * self.model_variance_scale)
         # Confidence: the spatial-softmax peak relative to the peak of the
         # sharpest distribution the network is trained towards (sigma = 1 heat-map px).
         prob = torch.softmax(logits.flatten(2) / self.config.temperature, -1)

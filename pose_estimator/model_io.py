@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelFormatError", "save_model", "load_model", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
+__all__ = ["ModelFormatError", "save_model", "load_model", "update_model_extra", "MODEL_FORMAT",
+           "MODEL_FORMAT_VERSION"]
 
 MODEL_FORMAT = "pose_estimator.model"
 MODEL_FORMAT_VERSION = 1
@@ -85,3 +86,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ModelFormatError(f"{path}: model metadata or weights do not match the network ({e})") from e
     return net.to(device).eval(), info
+
+
+def update_model_extra(path: str | os.PathLike, **extra: Any) -> Path:
+    """Rewrite a model file (atomically) with ``extra`` merged into its metadata."""
+    net, info = load_model(path)
+    merged = {**info["extra"], **extra}
+    return save_model(path, net, robot=info["robot"], keypoint_names=info["keypoint_names"], extra=merged)

@@ -137,6 +137,16 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
         assert k in m
     assert m["frames"] == 4 and m["kinematic_pos_err_mm_median"] > 1.0
     assert (tmp_path / "plots" / "add_curve.png").is_file()
+    # calibrating the keypoint variance writes the factor into the model; the estimator applies it
+    rc = main(["calibrate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "3",
+               "--json"])
+    assert rc == 0
+    c = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert c["keypoint_variance_scale"] > 0 and c["keypoints"] > 0
+    from pose_estimator.estimator import Estimator
+
+    est = Estimator.from_files(tmp_path / "m.safetensors")
+    assert est.model_variance_scale == pytest.approx(c["keypoint_variance_scale"])
 
 
 def test_add_auc():

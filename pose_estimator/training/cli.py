@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_train_arguments", "cli_train", "add_evaluate_arguments", "cli_evaluate"]
+__all__ = ["add_train_arguments", "cli_train", "add_evaluate_arguments", "cli_evaluate",
+           "add_calibrate_arguments", "cli_calibrate"]
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,4 +112,29 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         for k, v in m.items():
             print(f"{k:<{w}}  {v:.4g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
         print(f"plots: {plots}", file=sys.stderr)
+    return 0
+
+
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model file to calibrate (rewritten in place unless --dry-run)")
+    p.add_argument("--data", required=True, help="held-out dataset (not the training data, not the test data)")
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print the factor, leave the model alone")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+
+
+def cli_calibrate(args: argparse.Namespace) -> int:
+    from ..model_io import update_model_extra
+    from .evaluate import calibrate_variance
+
+    m = calibrate_variance(args.model, args.data, max_frames=args.max_frames)
+    if not args.dry_run:
+        update_model_extra(args.model, keypoint_variance_scale=m["keypoint_variance_scale"],
+                           keypoint_variance_calibration={k: v for k, v in m.items()
+                                                          if k != "keypoint_variance_scale"} | {"data": str(args.data)})
+    if args.json:
+        print(json.dumps(m))
+    else:
+        for k, v in m.items():
+            print(f"{k:<26} {v:.4g}" if isinstance(v, float) else f"{k:<26} {v}")
     return 0
