@@ -162,19 +162,24 @@ def run_node_demo(robot: str = "panda", model: str | None = None, out: str = "ou
     os.environ["ROS_LOCALHOST_ONLY"] = "1"
     os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
 
-    from .sim import GeneratorConfig, generate_dataset
-
+    # One torch thread in this process (the node runs in it): a second OpenMP team spins against
+    # the DDS threads on a small CPU and frames back up.
+    torch.set_num_threads(1)
     out_dir = Path(out)
     data = out_dir / "recording"
-    cfg = GeneratorConfig(robot=robot, sequences=1, frames_per_sequence=frames, seed=seed, bag=True)
     print(f"[demo] recording: {data} ({frames} frames at 640x480, 30 Hz; reused when already there)", file=sys.stderr)
-    generate_dataset(cfg, data, workers=1, progress=False)
+    # Rendering runs in a child process: pybullet and the generator's threads stay out of the node's process.
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pose_estimator.sim", "generate", "--robot", robot, "--out", str(data),
+                    "--sequences", "1", "--frames-per-sequence", str(frames), "--seed", str(seed), "--bag",
+                    "--workers", "1", "--no-progress"], check=True, stdout=subprocess.DEVNULL)
     from .ros.run_recording import format_table, run_recording
 
     seq = sorted(p for p in data.iterdir() if p.name.startswith("seq_"))[0]
     print(f"[demo] playing {seq / 'bag'} into the node (model {model_path})", file=sys.stderr)
     # The recording's /tf_static carries the camera's extrinsic, as a calibrated rig's TF would.
-    run = run_recording(seq, model_path, params={"camera_extrinsic_from_tf": True}, debug_dir=out_dir / "debug")
+    run = run_recording(seq, model_path, params={"camera_extrinsic_from_tf": True, "torch_threads": 1}, debug_dir=out_dir / "debug")
     print(format_table(run))
     if run.debug_images:
         print(f"debug frames: {', '.join(str(p) for p in run.debug_images)}")

@@ -98,6 +98,9 @@ def run_recording(sequence: str | Path, model_path: str | Path, rate: float = 1.
     from .player import BagPlayer
     from .testing import Collector, RosGraph, wait_for
 
+    # The node runs in this process: torch ops on this thread (scoring) must not spin a second
+    # OpenMP team against the node's worker and the DDS threads.
+    torch.set_num_threads(1)
     seq = Path(sequence)
     meta = json.loads((seq / "sequence.json").read_text())
     frames = {f["stamp_ns"]: f for f in map(json.loads, (seq / "frames.jsonl").read_text().splitlines())}
