@@ -636,7 +636,7 @@ def test_a_broken_robot_description_is_reported_and_the_definition_urdf_takes_ov
 def test_run_recording_scores_the_node_against_kinematics_and_writes_debug_frames(recording, model_file, tmp_path):
     from pose_estimator.ros.run_recording import format_table, run_recording
 
-    run = run_recording(recording, model_file, rate=1.0, params={"camera_extrinsic_from_tf": True},
+    run = run_recording(recording, model_file, rate=0.5, params={"camera_extrinsic_from_tf": True},
                         debug_dir=tmp_path, debug_frames=2)
     assert run.frames == 20 and run.processed >= 3 and run.processed + run.dropped <= 20
     assert len(run.kin_trans_mm) == run.published

@@ -82,7 +82,7 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
     "model_path": ("", "Trained model (.safetensors). Empty: resource/models/<robot>.safetensors or "
                        "resource/models/default.safetensors.", True, None),
     "device": ("cpu", "torch device for inference ('cpu', 'cuda', 'cuda:0').", True, None),
-    "torch_threads": (1, "torch intra-op threads for inference; 0 keeps torch's default (all cores). One "
+    "torch_threads": (0, "torch intra-op threads for inference; 0 keeps torch's default (all cores). One "
                          "leaves the other cores to DDS and the executor: more threads spin in OpenMP and "
                          "starve message delivery on small CPUs.", True, (0, 256)),
     "image_transport": ("raw", "'raw' subscribes to 'image' (sensor_msgs/Image); 'compressed' to "

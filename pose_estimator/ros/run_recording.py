@@ -128,8 +128,16 @@ def run_recording(sequence: str | Path, model_path: str | Path, rate: float = 1.
         stats = player.play()
         n_images = stats.per_topic.get("/camera/image_raw", 0)
         c = node.counters
-        wait_for(lambda: c.frames_received >= n_images and node.frames_finished >= c.frames_processed
-                 and node._pending_frame is None, timeout_s)
+        # Wait for every image, or until none has arrived for 3 s (lost in transport: counted, not awaited).
+        last = {"n": -1, "t": time.monotonic()}
+
+        def settled() -> bool:
+            if c.frames_received != last["n"]:
+                last["n"], last["t"] = c.frames_received, time.monotonic()
+            idle = node.frames_finished >= c.frames_processed and node._pending_frame is None
+            return idle and (c.frames_received >= n_images or time.monotonic() - last["t"] > 3.0)
+
+        wait_for(settled, timeout_s)
         solved = c.poses_published + c.poses_rejected
         wait_for(lambda: len(status) >= solved and len(poses) >= c.poses_published, 10)
         elapsed = max(time.monotonic() - t0, 1e-9)
