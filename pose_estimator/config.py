@@ -55,8 +55,8 @@ class EstimatorConfig:
     #: keep the camera-from-base estimate between frames as the next seed (static camera)
     track_camera: bool = True
     #: std (m, rad) of the prior holding camera_from_base to its seed; <= 0 disables the prior
-    camera_prior_sigma_m: float = 0.005
-    camera_prior_sigma_rad: float = 0.005
+    camera_prior_sigma_m: float = 0.05
+    camera_prior_sigma_rad: float = 0.05
     #: minimum keypoint confidence to be used by the solver
     min_confidence: float = 0.0
     #: multiplies every keypoint covariance the heat maps report: a calibration of the network's

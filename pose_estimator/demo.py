@@ -179,7 +179,10 @@ def run_node_demo(robot: str = "panda", model: str | None = None, out: str = "ou
     seq = sorted(p for p in data.iterdir() if p.name.startswith("seq_"))[0]
     print(f"[demo] playing {seq / 'bag'} into the node (model {model_path})", file=sys.stderr)
     # The recording's /tf_static carries the camera's extrinsic, as a calibrated rig's TF would.
-    run = run_recording(seq, model_path, params={"camera_extrinsic_from_tf": True, "torch_threads": 1}, debug_dir=out_dir / "debug")
+    run = run_recording(seq, model_path, params={"camera_extrinsic_from_tf": True, "torch_threads": 1,
+                                                   # a calibrated rig (config/calibrated_camera.yaml)
+                                                   "estimator.camera_prior_sigma_m": 0.005,
+                                                   "estimator.camera_prior_sigma_rad": 0.005}, debug_dir=out_dir / "debug")
     print(format_table(run))
     if run.debug_images:
         print(f"debug frames: {', '.join(str(p) for p in run.debug_images)}")

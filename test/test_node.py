@@ -226,8 +226,9 @@ def played(graph, recording, model_file):
     assert wait_for(lambda: node.pose_pub.get_subscription_count() > 0 and node.diag_pub.get_subscription_count() > 0)
     player.play()
     n = 20
-    assert wait_for(lambda: node.counters.frames_processed + node.counters.frames_dropped >= n, 20)
-    assert wait_for(lambda: node.frames_finished == node.counters.frames_processed, 20)
+    # Generous deadlines: on a loaded 2-core machine DDS may deliver 640x480 frames late (never a fixed sleep).
+    assert wait_for(lambda: node.counters.frames_processed + node.counters.frames_dropped >= n, 60)
+    assert wait_for(lambda: node.frames_finished == node.counters.frames_processed, 30)
     solved = node.counters.poses_published + node.counters.poses_rejected
     assert wait_for(lambda: len(out["status"]) == solved and len(out["kp"]) == solved, 10)
     assert wait_for(lambda: any(st.hardware_id == "/pe_play" for m in out["diag"].snapshot() for st in m.status), 5)
