@@ -31,7 +31,7 @@ import torch
 
 from ..estimator import kinematic_roi
 from ..keypoints import heatmap_to_input_affine
-from ..preprocess import Preprocessor, compose_affine, full_frame_roi, invert_affine
+from ..preprocess import Preprocessor, compose_affine, full_frame_roi
 from ..robot import RobotModel
 from ..sim.dataset import SyntheticDataset, pose7_to_matrix
 
@@ -209,7 +209,6 @@ class TrainingData:
             crop = _augment(crop, rng, self.aug)
         x = self.pre.normalize(crop)
         A = compose_affine(A_in, self.A_hm)  # heat-map px -> image px
-        A_inv = invert_affine(A)
 
         if lab is None:
             kp_img = f.keypoints_2d.copy()
@@ -234,7 +233,6 @@ class TrainingData:
         hh, hw = h // self.stride, w // self.stride
         inside = (kp_hm[:, 0] > -0.5) & (kp_hm[:, 0] < hw - 0.5) & (kp_hm[:, 1] > -0.5) & (kp_hm[:, 1] < hh - 0.5)
         weight = np.where(inside, weight, 0.0)
-        del A_inv
         return Sample(image=x, affine=A, kp_hm=kp_hm, kp_img=kp_img, kp_weight=weight, K=f.K, dist=f.dist,
                       size=(W, H), joints=q, ee_pose=ee_target, ee_in_camera_kin=ee_kin,
                       camera_from_base=T_cb if lab is None else ee_target @ np.linalg.inv(T_be), pose_weight=pose_weight,
