@@ -91,9 +91,7 @@ def bare_estimator(model: Path, seq: Path, threads: int, extrinsic: bool, passes
     T_cb = np.linalg.inv(np.array(cam["T_base_camera"])) if extrinsic else None
     frames = [json.loads(line) for line in (seq / "frames.jsonl").read_text().splitlines()]
     images = [np.ascontiguousarray(cv2.imread(str(seq / f["image"]))[..., ::-1]) for f in frames]
-    h, w = est.input_size
-    with torch.inference_mode():
-        est.net(torch.zeros(1, 3, h, w))
+    est.warm_up()
     times = []
     converged = 0
     for p in range(passes):

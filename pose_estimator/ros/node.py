@@ -467,8 +467,8 @@ class PoseEstimatorNode(Node):
     def _build_estimator(self, urdf_xml: str | None, source: str, startup: bool = False) -> None:
         try:
             robot = RobotModel.from_yaml(self.config.robot, robot_description=urdf_xml)
-            est = Estimator(robot, self.net, self.config, device=self.device)
-            self._warm_up(est)
+            est = Estimator(robot, self.net, self.config, device=self.device, model_info=self.model_info)
+            est.warm_up()
         except (OSError, ValueError) as e:
             msg = f"cannot build the robot model from {source}: {e}"
             if startup:
@@ -492,15 +492,6 @@ class PoseEstimatorNode(Node):
             self.estimator = est
             self._urdf_source = source
         self.get_logger().info(f"robot model from {source}: {robot.n_joints} joints, {robot.num_keypoints} keypoints")
-
-    @staticmethod
-    def _warm_up(est: Estimator) -> None:
-        """One network call on a blank input: the first call allocates and is several times slower."""
-        import torch
-
-        h, w = est.input_size
-        with torch.inference_mode():
-            est.net(torch.zeros(1, 3, h, w, device=est.device))
 
     # ------------------------------------------------------------------ the worker
     def _work(self) -> None:

@@ -7,6 +7,12 @@ and then replaced by the whole frame (the estimator's first frame, before it
 knows where the camera is). The same :class:`~pose_estimator.preprocess.Preprocessor`
 produces the network input, so training and run time agree to the pixel.
 
+A keypoint-patch model (``roi='keypoints'``) gets instead one patch per keypoint,
+centred where the measured joints project that keypoint
+(:func:`pose_estimator.estimator.keypoint_patch_rois`, as at run time), each
+jittered in position and size; the kinematic error itself puts the true
+keypoint off centre by what the network must learn to find.
+
 Targets per keypoint come from one of two sources:
 
 ``truth``
@@ -29,7 +35,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..estimator import kinematic_roi
+from ..estimator import keypoint_patch_rois, kinematic_roi
 from ..keypoints import heatmap_to_input_affine
 from ..preprocess import Preprocessor, compose_affine, full_frame_roi
 from ..robot import RobotModel
@@ -51,13 +57,15 @@ class AugmentConfig:
     noise_prob: float = 0.3
     occlusion_prob: float = 0.25
     flip_channels_prob: float = 0.1  # BGR/RGB confusion in the wild
+    patch_shift_std: float = 0.08  # keypoint patches: normal shift, fraction of the patch side
+    patch_scale_log_std: float = 0.1  # keypoint patches: log-normal jitter of the side
 
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # (3, h, w) normalised
-    affine: np.ndarray  # (2, 3) heat-map px -> image px
-    kp_hm: np.ndarray  # (K, 2) targets in heat-map px (NaN: none)
+    image: torch.Tensor  # (3, h, w) normalised; keypoint patches: (K, 3, h, w), patch k for keypoint k
+    affine: np.ndarray  # (2, 3) heat-map px -> image px; keypoint patches: (K, 2, 3)
+    kp_hm: np.ndarray  # (K, 2) targets in heat-map px (of keypoint k's own patch) (NaN: none)
     kp_img: np.ndarray  # (K, 2) targets in image px (NaN: none)
     kp_weight: np.ndarray  # (K,)
     K: np.ndarray
@@ -112,9 +120,14 @@ class TrainingData:
     """Index and sampler over one or more generated datasets."""
 
     def __init__(self, roots: list[str | Path], robot: RobotModel, input_size: tuple[int, int], stride: int,
-                 labels: str = "truth", augment: AugmentConfig | None = None):
+                 labels: str = "truth", augment: AugmentConfig | None = None, roi: str = "arm",
+                 patch_fraction: float = 0.24):
         if labels not in ("truth", "labels"):
             raise ValueError(f"labels must be 'truth' or 'labels', got {labels!r}")
+        if roi not in ("arm", "keypoints"):
+            raise ValueError(f"roi must be 'arm' or 'keypoints', got {roi!r}")
+        self.roi = roi
+        self.patch_fraction = patch_fraction
         self.datasets = [SyntheticDataset(r) for r in roots]
         self.robot = robot
         self.labels = labels
@@ -141,6 +154,7 @@ class TrainingData:
                     self.index.append((d, s, i, None if lab is None else lab[i]))
         if not self.index:
             raise ValueError(f"no usable frames in {roots} (labels={labels})")
+        self._seq_number = {key: n for n, key in enumerate(self.sequences)}
         self._by_seq: dict[tuple[int, int], list[int]] = {}
         for j, (d, s, _, _) in enumerate(self.index):
             self._by_seq.setdefault((d, s), []).append(j)
@@ -175,25 +189,21 @@ class TrainingData:
             out += [members[a], members[b]]
         return out
 
-    def load(self, j: int, rng: np.random.Generator, augment: bool = True) -> Sample:
-        d, s, i, lab = self.index[j]
-        seq = self.datasets[d].sequences()[s]
-        f = seq.frame(i)
+    def _kinematic_uv(self, f, P_base: np.ndarray) -> np.ndarray:
         T_cb = f.T_camera_base
-        q = f.joints_measured
-        qt = torch.as_tensor(q)[None]
-        P_base = self.robot.keypoints_3d(qt)[0].numpy()
-        T_be = self.robot.ee_pose(qt)[0].numpy()
-        ee_kin = T_cb @ T_be
+        Pc = P_base @ T_cb[:3, :3].T + T_cb[:3, 3]
+        uv = cv2.projectPoints(P_base, cv2.Rodrigues(T_cb[:3, :3])[0], T_cb[:3, 3], f.K, f.dist)[0][:, 0]
+        uv[Pc[:, 2] < 0.05] = np.nan
+        return uv
+
+    def _arm_crop(self, f, P_base: np.ndarray, rng: np.random.Generator, augment: bool):
+        """One crop around the arm -> (input (3, h, w), heat-map px -> image px affine (2, 3))."""
         W, H = f.width, f.height
         h, w = self.input_size
         aspect = w / h
         roi = None
         if not (augment and rng.random() < self.aug.full_frame_prob):
-            Pc = P_base @ T_cb[:3, :3].T + T_cb[:3, 3]
-            uv = cv2.projectPoints(P_base, cv2.Rodrigues(T_cb[:3, :3])[0], T_cb[:3, 3], f.K, f.dist)[0][:, 0]
-            uv[Pc[:, 2] < 0.05] = np.nan
-            roi = kinematic_roi(uv, W, H, self.aug.roi_margin, aspect)
+            roi = kinematic_roi(self._kinematic_uv(f, P_base), W, H, self.aug.roi_margin, aspect)
         if roi is None:
             roi = full_frame_roi(W, H, aspect)
         elif augment:
@@ -209,6 +219,45 @@ class TrainingData:
             crop = _augment(crop, rng, self.aug)
         x = self.pre.normalize(crop)
         A = compose_affine(A_in, self.A_hm)  # heat-map px -> image px
+        return x, A, np.ones(self.robot.num_keypoints, bool)
+
+    def _patches(self, f, P_base: np.ndarray, rng: np.random.Generator, augment: bool):
+        """One patch per keypoint -> (inputs (K, 3, h, w), affines (K, 2, 3), usable (K,)); unusable ones are black."""
+        W, H = f.width, f.height
+        uv = self._kinematic_uv(f, P_base)
+        rois, _ = keypoint_patch_rois(uv, W, H, self.patch_fraction)
+        ok = np.isfinite(rois).all(1)
+        # Keypoints without a patch get a blank one (and no weight): the batch keeps its shape.
+        rois[~ok] = rois[ok][0] if ok.any() else (0.0, 0.0, 16.0, 16.0)
+        if augment:
+            c = (rois[:, :2] + rois[:, 2:]) / 2
+            half = (rois[:, 2:3] - rois[:, 0:1]) / 2 * np.exp(rng.normal(0, self.aug.patch_scale_log_std, (len(c), 1)))
+            c = c + rng.normal(0, self.aug.patch_shift_std, c.shape) * 2 * half
+            rois = np.concatenate([c - half, c + half], 1)
+        crops, A_in = self.pre.crop_many(f.image, rois)
+        if augment:
+            crops = np.stack([_augment(c, rng, self.aug) for c in crops])
+        crops[~ok] = 0
+        x = self.pre.normalize(crops)
+        A = np.stack([compose_affine(a, self.A_hm) for a in A_in])
+        return x, A, ok
+
+    def load(self, j: int, rng: np.random.Generator, augment: bool = True) -> Sample:
+        d, s, i, lab = self.index[j]
+        seq = self.datasets[d].sequences()[s]
+        f = seq.frame(i)
+        T_cb = f.T_camera_base
+        q = f.joints_measured
+        qt = torch.as_tensor(q)[None]
+        P_base = self.robot.keypoints_3d(qt)[0].numpy()
+        T_be = self.robot.ee_pose(qt)[0].numpy()
+        ee_kin = T_cb @ T_be
+        W, H = f.width, f.height
+        h, w = self.input_size
+        if self.roi == "keypoints":
+            x, A, usable = self._patches(f, P_base, rng, augment)
+        else:
+            x, A, usable = self._arm_crop(f, P_base, rng, augment)
 
         if lab is None:
             kp_img = f.keypoints_2d.copy()
@@ -229,11 +278,14 @@ class TrainingData:
             sigma_mm = float(np.sqrt(np.trace(cov[:3, :3]) / 3)) * 1e3
             pose_weight = float(1.0 / (1.0 + (sigma_mm / 2.0) ** 2))
             weight *= pose_weight
-        kp_hm = (kp_img - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
+        if A.ndim == 3:  # keypoint k in its own patch
+            kp_hm = np.einsum("kij,kj->ki", np.linalg.inv(A[:, :, :2]), kp_img - A[:, :, 2])
+        else:
+            kp_hm = (kp_img - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
         hh, hw = h // self.stride, w // self.stride
         inside = (kp_hm[:, 0] > -0.5) & (kp_hm[:, 0] < hw - 0.5) & (kp_hm[:, 1] > -0.5) & (kp_hm[:, 1] < hh - 0.5)
-        weight = np.where(inside, weight, 0.0)
+        weight = np.where(inside & usable, weight, 0.0)
         return Sample(image=x, affine=A, kp_hm=kp_hm, kp_img=kp_img, kp_weight=weight, K=f.K, dist=f.dist,
                       size=(W, H), joints=q, ee_pose=ee_target, ee_in_camera_kin=ee_kin,
                       camera_from_base=T_cb if lab is None else ee_target @ np.linalg.inv(T_be), pose_weight=pose_weight,
-                      seq=self.sequences.index((d, s)), frame=i)
+                      seq=self._seq_number[(d, s)], frame=i)

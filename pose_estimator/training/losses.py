@@ -21,7 +21,7 @@ from ..geometry import CameraModel, undistort_points
 from ..keypoints import gaussian_targets, keypoints_to_image, soft_argmax2d
 from ..solver import SolverConfig, solve
 
-__all__ = ["heatmap_loss", "keypoint_nll", "pose_losses", "pose_error"]
+__all__ = ["heatmap_loss", "keypoint_nll", "pose_losses", "pose_error", "network_logits"]
 
 
 def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -129,6 +129,19 @@ def pose_losses(mean_hm: torch.Tensor, cov_hm: torch.Tensor, batch: dict, robot,
             loss_disp = _wmean(perd, okp.double())
             stats["disp_err_mm"] = float(et.detach()[okp].median() * 1e3)
     return loss_pose, loss_disp, stats
+
+
+def network_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Heat-map logits (B, K, h, w) for whole-arm crops (B, 3, H, W) or keypoint patches (B, K, 3, H, W).
+
+    Patch k of a frame is looked at for keypoint k only: its answer is channel k.
+    """
+    if images.dim() == 4:
+        return model(images)
+    B, K = images.shape[:2]
+    logits = model(images.flatten(0, 1))
+    k = torch.arange(K, device=logits.device)
+    return logits.view(B, K, *logits.shape[1:])[:, k, k]
 
 
 def soft_argmax_outputs(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

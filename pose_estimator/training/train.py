@@ -35,7 +35,7 @@ from ..network import HeatmapNet, HeatmapNetConfig
 from ..robot import RobotModel
 from ..solver import SolverConfig
 from .data import AugmentConfig, TrainingData, collate
-from .losses import heatmap_loss, keypoint_nll, pose_losses, soft_argmax_outputs
+from .losses import heatmap_loss, keypoint_nll, network_logits, pose_losses, soft_argmax_outputs
 
 __all__ = ["LossWeights", "TrainConfig", "train", "load_checkpoint"]
 
@@ -75,6 +75,13 @@ class TrainConfig:
     #: start a new run from another run's checkpoint (weights, optimiser, step), e.g. for ablations
     #: that share a first phase; ignored when this run has a checkpoint of its own
     init_from: str = ""
+    #: what the network looks at: 'arm' (one crop around the whole arm) or 'keypoints' (one patch
+    #: around where kinematics puts each keypoint, side = patch_fraction x the arm's extent in the image)
+    roi: str = "arm"
+    patch_fraction: float = 0.24
+    #: a keypoint-patch model: a whole-arm model file to embed as its coarse network (for frames
+    #: without a camera seed); empty: none
+    coarse_model: str = ""
     network: HeatmapNetConfig = field(default_factory=HeatmapNetConfig)
     losses: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -82,6 +89,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 2 or self.batch_size % 2:
             raise ValueError("batch_size must be even and >= 2 (frames come in pairs for the displacement loss)")
+        if self.roi not in ("arm", "keypoints"):
+            raise ValueError(f"roi must be 'arm' or 'keypoints', got {self.roi!r}")
+        if self.coarse_model and self.roi != "keypoints":
+            raise ValueError("coarse_model is for keypoint-patch models (roi: keypoints)")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -126,7 +137,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
 
     robot = RobotModel.from_yaml(cfg.robot)
     net_cfg = dataclasses.replace(cfg.network, num_keypoints=robot.num_keypoints)
-    data = TrainingData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, labels=cfg.labels, augment=cfg.augment)
+    data = TrainingData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, labels=cfg.labels, augment=cfg.augment,
+                        roi=cfg.roi, patch_fraction=cfg.patch_fraction)
+    coarse = None
+    if cfg.coarse_model and rank == 0:  # read it now: a bad file must not wait for the end of training
+        from ..model_io import load_model
+
+        coarse = load_model(cfg.coarse_model)
+        if coarse[0].config.num_keypoints != robot.num_keypoints or coarse[1]["extra"].get("roi", "arm") != "arm":
+            raise ValueError(f"coarse_model {cfg.coarse_model} is not a whole-arm model of {robot.num_keypoints} "
+                             "keypoints")
     net = HeatmapNet(net_cfg).to(device)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
@@ -219,7 +239,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
             g["lr"] = _lr_at(cfg, step)
         x = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(x)
+            logits = network_logits(model, x)
         logits = logits.float().cpu() if device.type != "cpu" else logits
         w = batch["kp_weight"]
         lw = cfg.losses
@@ -285,9 +305,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     pool.shutdown(wait=False, cancel_futures=True)
     loaders.shutdown(wait=False, cancel_futures=True)
     if rank == 0:
+        extra = {"train_config": json.loads(cfg_json), "steps": cfg.steps, "roi": cfg.roi}
+        if cfg.roi == "keypoints":
+            extra["patch_fraction"] = cfg.patch_fraction
         save_model(out / "model.safetensors", net.cpu(), robot=cfg.robot if "/" not in cfg.robot else "",
-                   keypoint_names=robot.keypoint_names,
-                   extra={"train_config": json.loads(cfg_json), "steps": cfg.steps})
+                   keypoint_names=robot.keypoint_names, extra=extra,
+                   coarse=coarse[0] if coarse else None, coarse_extra=coarse[1]["extra"] if coarse else None)
         if writer is not None:
             writer.close()
     if world > 1:
