@@ -2,9 +2,11 @@
 
 Runs, side by side in one process on the same 640x480 frames:
 
-* ours: crop/resize (Preprocessor) + HeatmapNet (the shipped model when present,
-  else the default architecture untrained: the cost is the same) + soft-argmax
-  with covariance + mapping back to image pixels;
+* ours: what :class:`~pose_estimator.estimator.Estimator` does before the solver,
+  with the shipped model when present (else the default architecture
+  untrained): crop/resize (one crop around the arm, or for a keypoint-patch
+  model one patch per keypoint around where kinematics puts it) + HeatmapNet +
+  soft-argmax with covariance + mapping back to image pixels;
 * the network alone, and the soft-argmax and the Gaussian fit alone;
 * a peer for scale: OpenCV's ArUco marker detector on the same frames (the
   classic fiducial approach to finding a hand in an image).
@@ -28,11 +30,12 @@ import cv2
 import numpy as np
 import torch
 
-from pose_estimator.keypoints import gaussian_fit2d, heatmap_to_input_affine, keypoints_to_image, soft_argmax2d
+from pose_estimator.config import EstimatorConfig
+from pose_estimator.estimator import Estimator, keypoint_patch_rois
+from pose_estimator.keypoints import gaussian_fit2d, soft_argmax2d
 from pose_estimator.model_io import load_model
 from pose_estimator.network import HeatmapNet, HeatmapNetConfig
-from pose_estimator.preprocess import Preprocessor, compose_affine
-from pose_estimator.robot import resource_dir
+from pose_estimator.robot import RobotModel, resource_dir
 
 
 def frames(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -69,26 +72,30 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    info: dict = {}
     if Path(args.model).is_file():
-        net, _ = load_model(args.model)
+        net, info = load_model(args.model)
         which = Path(args.model).name
     else:
         net = HeatmapNet(HeatmapNetConfig()).eval()
         which = "default architecture (untrained)"
     cfg = net.config
-    pre = Preprocessor(cfg.input_size)
-    A_hm = heatmap_to_input_affine(cfg.stride)
+    robot = RobotModel.from_yaml(info.get("robot") or "panda")
+    est = Estimator(robot, net, EstimatorConfig(), model_info=info)
     imgs = frames(args.frames)
+    K = robot.num_keypoints
+    # Where kinematics would put the keypoints: an arm about 280 px tall in the middle of the frame.
+    uv_kin = np.column_stack([np.linspace(240, 400, K), np.linspace(380, 100, K)])
     roi = (180.0, 100.0, 460.0, 380.0)
-
-    @torch.inference_mode()
-    def ours(img):
-        x, A = pre(img, roi)
-        logits = net(x[None]).double()
-        mean, cov = soft_argmax2d(logits)
-        return keypoints_to_image(mean, cov, torch.as_tensor(compose_affine(A, A_hm)))
-
-    x0 = pre(imgs[0], roi)[0][None]
+    if est.roi_mode == "keypoints":
+        rois, _ = keypoint_patch_rois(uv_kin, 640, 480, est.patch_fraction)
+        x0 = est.preprocess.normalize(est.preprocess.crop_many(imgs[0], rois)[0])
+        ours = lambda img: est.detect_patches(img, uv_kin)
+        label = f"{K} patches {cfg.input_size[1]}x{cfg.input_size[0]}"
+    else:
+        x0 = est.preprocess(imgs[0], roi)[0][None]
+        ours = lambda img: est.detect(img, roi)
+        label = f"one crop {cfg.input_size[1]}x{cfg.input_size[0]}"
 
     @torch.inference_mode()
     def net_only(_):
@@ -96,6 +103,8 @@ def main() -> None:
 
     with torch.inference_mode():
         logits0 = net(x0).double()
+        if est.roi_mode == "keypoints":
+            logits0 = logits0[torch.arange(K), torch.arange(K)][None]
     sa = lambda _: soft_argmax2d(logits0)
     gf = lambda _: gaussian_fit2d(logits0)
     detector = cv2.aruco.ArucoDetector(cv2.aruco.getPredefinedDictionary(cv2.aruco.DICT_4X4_50),
@@ -112,7 +121,7 @@ def main() -> None:
     }
     med = {k: statistics.median(v) for k, v in rows.items()}
     p95 = {k: float(np.percentile(v, 95)) for k, v in rows.items()}
-    print(f"model: {which}; input {cfg.input_size[1]}x{cfg.input_size[0]}, heat maps at stride {cfg.stride}, "
+    print(f"model: {which}; input {label}, heat maps at stride {cfg.stride}, "
           f"{cfg.num_keypoints} keypoints; {args.threads} torch thread(s); {len(imgs)} frames 640x480")
     print(f"{'stage':<45} {'median ms':>10} {'p95 ms':>8}")
     for k in rows:
@@ -126,6 +135,8 @@ def main() -> None:
         "ms_per_frame_p95": round(p95["ours (preprocess + network + soft-argmax)"], 3),
         "fps": round(1000 / ours_ms, 1),
         "input_size": list(cfg.input_size),
+        "roi": est.roi_mode,
+        "patches": K if est.roi_mode == "keypoints" else 0,
         "network_ms_median": round(med["network alone"], 3),
         "softargmax_ms_median": round(med["soft-argmax alone"], 3),
         "gaussian_fit_ms_median": round(med["Gaussian fit alone"], 3),

@@ -18,25 +18,15 @@ import yaml
 
 from .solver import SolverConfig
 
-__all__ = ["EstimatorConfig", "from_dict", "to_dict", "load_config", "NetworkSettings"]
+__all__ = ["EstimatorConfig", "from_dict", "to_dict", "load_config"]
 
 T = TypeVar("T")
 
 
 @dataclass
-class NetworkSettings:
-    """HeatmapNet architecture (mirrors :class:`pose_estimator.network.HeatmapNetConfig`)."""
-
-    input_height: int = 128
-    input_width: int = 128
-    base_width: int = 16
-    depth: int = 3
-    stride: int = 2
-
-
-@dataclass
 class EstimatorConfig:
-    """Everything :class:`~pose_estimator.estimator.Estimator` needs besides the weights."""
+    """Everything :class:`~pose_estimator.estimator.Estimator` needs besides the model file
+    (which brings the architecture and how the network looks at the image)."""
 
     #: robot definition: a name under resource/robots/ or a path to a keypoint YAML
     robot: str = "panda"
@@ -46,7 +36,8 @@ class EstimatorConfig:
     keypoint_method: str = "softargmax"
     #: spatial-softmax temperature
     temperature: float = 1.0
-    #: 'kinematic': crop around where the measured joints put the arm; 'full': whole frame
+    #: 'kinematic': look where the measured joints put the arm (one crop around it, or for a keypoint-patch
+    #: model one patch per keypoint); 'full': the whole frame (a patch model's whole-arm network)
     roi: str = "kinematic"
     #: margin added around the kinematic bounding box, as a fraction of its size
     roi_margin: float = 0.25
@@ -62,7 +53,6 @@ class EstimatorConfig:
     #: multiplies every keypoint covariance the heat maps report: a calibration of the network's
     #: variance against its actual error on held-out data (1 = trust the heat maps as they are)
     keypoint_variance_scale: float = 1.0
-    network: NetworkSettings = field(default_factory=NetworkSettings)
     solver: SolverConfig = field(default_factory=SolverConfig)
 
     def __post_init__(self) -> None:

@@ -109,6 +109,14 @@ def test_keypoint_patches_hold_their_targets(dataset, robot):
     assert ok.sum() >= 4
     back = np.einsum("kij,kj->ki", s.affine[:, :, :2], s.kp_hm) + s.affine[:, :, 2]
     assert np.allclose(back[ok], s.kp_img[ok], atol=1e-6)
+    # every keypoint a patch shows is a target in it too, at its own place
+    assert np.allclose(np.einsum("kkj->kj", s.kp_hm_all)[ok], s.kp_hm[ok])
+    for k in range(K):
+        shown = s.kp_weight_all[k] > 0
+        back = s.kp_hm_all[k][shown] @ s.affine[k, :, :2].T + s.affine[k, :, 2]
+        assert np.allclose(back, s.kp_img[shown], atol=1e-6)
+        assert (np.abs(s.kp_hm_all[k][shown] - 15.5) <= 16).all()
+    assert (s.kp_weight_all > 0).sum() > ok.sum()
     f = data.datasets[0].sequences()[data.index[3][1]].frame(data.index[3][2])
     rois, _ = keypoint_patch_rois(data._kinematic_uv(f, robot.keypoints_3d(torch.as_tensor(f.joints_measured)[None])[0]
                                                      .numpy()), f.width, f.height, 0.3)

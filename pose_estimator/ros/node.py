@@ -163,8 +163,6 @@ def estimator_parameters(cfg: EstimatorConfig | None = None, prefix: str = "esti
     docs = _field_comments(type(cfg))
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name == "network":
-            continue  # the architecture comes with the model file, not from parameters
         if dataclasses.is_dataclass(v):
             out.update(estimator_parameters(v, f"{prefix}.{f.name}"))
         elif type(v) in _PARAM_TYPES:

@@ -78,6 +78,10 @@ class Sample:
     pose_weight: float
     seq: int
     frame: int
+    #: keypoint patches: every keypoint's target in every patch (K patches, K keypoints, 2) and its weight
+    #: (0 where it lies outside that patch): each patch teaches every part it shows, not only its own
+    kp_hm_all: np.ndarray | None = None
+    kp_weight_all: np.ndarray | None = None
 
 
 def collate(samples: list[Sample]) -> dict:
@@ -89,6 +93,8 @@ def collate(samples: list[Sample]) -> dict:
         "ee_kin": f("ee_in_camera_kin"), "camera_from_base": f("camera_from_base"), "pose_weight": torch.tensor([s.pose_weight for s in samples],
                                                                       dtype=torch.float64),
         "size": [s.size for s in samples], "seq": [s.seq for s in samples], "frame": [s.frame for s in samples],
+        **({"kp_hm_all": f("kp_hm_all"), "kp_weight_all": f("kp_weight_all")}
+           if samples[0].kp_hm_all is not None else {}),
     }
 
 
@@ -283,9 +289,14 @@ class TrainingData:
         else:
             kp_hm = (kp_img - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
         hh, hw = h // self.stride, w // self.stride
-        inside = (kp_hm[:, 0] > -0.5) & (kp_hm[:, 0] < hw - 0.5) & (kp_hm[:, 1] > -0.5) & (kp_hm[:, 1] < hh - 0.5)
-        weight = np.where(inside & usable, weight, 0.0)
+        inside = lambda p: (p[..., 0] > -0.5) & (p[..., 0] < hw - 0.5) & (p[..., 1] > -0.5) & (p[..., 1] < hh - 0.5)
+        hm_all = w_all = None
+        if A.ndim == 3:
+            hm_all = np.einsum("kij,lj->kli", np.linalg.inv(A[:, :, :2]), kp_img) - np.einsum(
+                "kij,kj->ki", np.linalg.inv(A[:, :, :2]), A[:, :, 2])[:, None]
+            w_all = np.where(inside(hm_all) & usable[:, None], weight[None], 0.0)
+        weight = np.where(inside(kp_hm) & usable, weight, 0.0)
         return Sample(image=x, affine=A, kp_hm=kp_hm, kp_img=kp_img, kp_weight=weight, K=f.K, dist=f.dist,
                       size=(W, H), joints=q, ee_pose=ee_target, ee_in_camera_kin=ee_kin,
                       camera_from_base=T_cb if lab is None else ee_target @ np.linalg.inv(T_be), pose_weight=pose_weight,
-                      seq=self._seq_number[(d, s)], frame=i)
+                      seq=self._seq_number[(d, s)], frame=i, kp_hm_all=hm_all, kp_weight_all=w_all)

@@ -131,17 +131,21 @@ def pose_losses(mean_hm: torch.Tensor, cov_hm: torch.Tensor, batch: dict, robot,
     return loss_pose, loss_disp, stats
 
 
-def network_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def network_logits(model: torch.nn.Module, images: torch.Tensor, every_channel: bool = False):
     """Heat-map logits (B, K, h, w) for whole-arm crops (B, 3, H, W) or keypoint patches (B, K, 3, H, W).
 
-    Patch k of a frame is looked at for keypoint k only: its answer is channel k.
+    Patch k of a frame is read for keypoint k only: its answer is channel k. With
+    ``every_channel`` also returns the raw output (B·K patches, K, h, w) of patches
+    (for arm crops, the same tensor twice).
     """
     if images.dim() == 4:
-        return model(images)
+        logits = model(images)
+        return (logits, logits) if every_channel else logits
     B, K = images.shape[:2]
-    logits = model(images.flatten(0, 1))
-    k = torch.arange(K, device=logits.device)
-    return logits.view(B, K, *logits.shape[1:])[:, k, k]
+    every = model(images.flatten(0, 1))
+    k = torch.arange(K, device=every.device)
+    logits = every.view(B, K, *every.shape[1:])[:, k, k]
+    return (logits, every) if every_channel else logits
 
 
 def soft_argmax_outputs(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,6 +75,9 @@ class TrainConfig:
     #: start a new run from another run's checkpoint (weights, optimiser, step), e.g. for ablations
     #: that share a first phase; ignored when this run has a checkpoint of its own
     init_from: str = ""
+    #: start a new run's network from a model file's weights (same architecture; e.g. a keypoint-patch
+    #: model from a whole-arm one); optimiser and step start afresh; ignored on resume
+    init_weights: str = ""
     #: what the network looks at: 'arm' (one crop around the whole arm) or 'keypoints' (one patch
     #: around where kinematics puts each keypoint, side = patch_fraction x the arm's extent in the image)
     roi: str = "arm"
@@ -163,7 +166,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         saved = json.loads(ck["config"])
         mine = json.loads(cfg_json)
         # Only the length of the run may change on resume.
-        for k in ("steps", "init_from"):
+        for k in ("steps", "init_from", "init_weights"):
             saved.pop(k, None)
             mine.pop(k, None)
         if saved != mine:
@@ -176,6 +179,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         start = int(ck["step"])
         if rank == 0:
             log(f"resuming {out} at step {start}/{cfg.steps}")
+    elif cfg.init_weights:
+        from ..model_io import load_model
+
+        src, _ = load_model(cfg.init_weights)
+        try:
+            net.load_state_dict(src.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"init_weights {cfg.init_weights}: another architecture ({e})") from e
+        if rank == 0:
+            log(f"starting {out} from the weights of {cfg.init_weights}")
     elif cfg.init_from:
         ck = load_checkpoint(cfg.init_from)
         net.load_state_dict(ck["model"])
@@ -239,16 +252,23 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
             g["lr"] = _lr_at(cfg, step)
         x = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits = network_logits(model, x)
-        logits = logits.float().cpu() if device.type != "cpu" else logits
+            logits, every = network_logits(model, x, every_channel=True)
+        if device.type != "cpu":
+            logits, every = logits.float().cpu(), every.float().cpu()
         w = batch["kp_weight"]
         lw = cfg.losses
         terms: dict[str, torch.Tensor] = {}
+        # Keypoint patches teach every keypoint they show (each channel, wherever it lies in the patch);
+        # the estimator reads keypoint k from channel k of its own patch.
+        sup_logits, sup_hm, sup_w = logits, batch["kp_hm"], w
+        if "kp_hm_all" in batch:
+            sup_logits, sup_hm, sup_w = every, batch["kp_hm_all"].flatten(0, 1), batch["kp_weight_all"].flatten(0, 1)
         if lw.heatmap > 0:
-            terms["heatmap"] = heatmap_loss(logits, batch["kp_hm"].float(), w.float(), cfg.heatmap_sigma)
+            terms["heatmap"] = heatmap_loss(sup_logits, sup_hm.float(), sup_w.float(), cfg.heatmap_sigma)
         mean, cov = soft_argmax_outputs(logits, cfg.temperature)
         if lw.keypoint_nll > 0:
-            terms["keypoint_nll"] = keypoint_nll(mean, cov, batch["kp_hm"], w)
+            m_all, c_all = (mean, cov) if sup_logits is logits else soft_argmax_outputs(sup_logits, cfg.temperature)
+            terms["keypoint_nll"] = keypoint_nll(m_all, c_all, sup_hm, sup_w)
         stats: dict = {}
         if (lw.pose > 0 or lw.displacement > 0) and step >= cfg.pose_start_step:
             lp, ld, stats = pose_losses(mean, cov, batch, robot, solver_cfg, mode=cfg.pose_loss_mode,
