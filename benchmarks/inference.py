@@ -94,7 +94,9 @@ def main() -> None:
         label = f"{K} patches {cfg.input_size[1]}x{cfg.input_size[0]}"
     else:
         x0 = est.preprocess(imgs[0], roi)[0][None]
-        ours = lambda img: est.detect(img, roi)
+        if cfg.prior_channels:  # the kinematic prior maps go in beside the image
+            x0 = torch.cat([x0, torch.zeros(1, cfg.prior_channels, *cfg.input_size)], 1)
+        ours = lambda img: est.detect(img, roi, uv_kin)
         label = f"one crop {cfg.input_size[1]}x{cfg.input_size[0]}"
 
     @torch.inference_mode()

@@ -22,7 +22,7 @@ import torch
 
 from .config import EstimatorConfig
 from .geometry import CameraModel
-from .keypoints import gaussian_fit2d, heatmap_to_input_affine, keypoints_to_image, soft_argmax2d
+from .keypoints import gaussian_fit2d, heatmap_to_input_affine, keypoints_to_image, prior_maps, soft_argmax2d
 from .preprocess import Preprocessor, compose_affine, full_frame_roi
 from .robot import RobotModel
 from .solver import PoseSolution, solve
@@ -126,6 +126,10 @@ class Estimator:
         if self.roi_mode not in ("arm", "keypoints"):
             raise ValueError(f"model has unknown roi mode {self.roi_mode!r} (expected 'arm' or 'keypoints')")
         self.patch_fraction = float(extra.get("patch_fraction", 0.24))
+        #: width (input px) of the kinematic-prior maps a network with prior channels is given
+        self.prior_sigma = float(extra.get("prior_sigma", 2.0))
+        if net.config.prior_channels and self.roi_mode != "arm":
+            raise ValueError("kinematic-prior input channels are for whole-arm models")
         for n in [net] + ([info["coarse"]] if info.get("coarse") is not None else []):
             if n.config.num_keypoints != robot.num_keypoints:
                 raise ValueError(f"network predicts {n.config.num_keypoints} keypoints but robot "
@@ -166,9 +170,9 @@ class Estimator:
     def warm_up(self) -> None:
         """One call of each network on a blank input: the first call allocates and is several times slower."""
         n = self.robot.num_keypoints if self.roi_mode == "keypoints" else 1
-        self.net(torch.zeros(n, 3, *self.input_size, device=self.device))
-        if self._arm is not None and self._arm[0] is not self.net:
-            self._arm[0](torch.zeros(1, 3, *self._arm[0].config.input_size, device=self.device))
+        for net in {id(self.net): self.net, **({id(self._arm[0]): self._arm[0]} if self._arm else {})}.values():
+            c = net.config
+            net(torch.zeros(n if net is self.net else 1, 3 + c.prior_channels, *c.input_size, device=self.device))
 
     def reset(self) -> None:
         """Forget the tracked camera-from-base (e.g. when a recording loops)."""
@@ -191,11 +195,12 @@ class Estimator:
         return uv[0].cpu().numpy(), cov_img[0].cpu().numpy(), conf[0].cpu().numpy()
 
     @torch.inference_mode()
-    def detect(self, image: np.ndarray, roi=None):
+    def detect(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
         """Whole-arm detection in one crop: -> (uv (K,2), cov (K,2,2), confidence (K,), timings ms).
 
         Uses the model itself, or a patch model's coarse network; raises ``ValueError``
-        for a patch model without one.
+        for a patch model without one. A network with prior channels is also given
+        where ``uv_kin`` (image px, from the measured joints; None: unknown) puts each keypoint.
         """
         if self._arm is None:
             raise ValueError("this keypoint-patch model has no whole-arm network: it needs a camera seed "
@@ -203,6 +208,11 @@ class Estimator:
         net, pre, hm_affine, scale = self._arm
         t0 = time.perf_counter()
         x, affine = pre(image, roi)
+        if net.config.prior_channels:
+            uv_in = np.full((net.config.num_keypoints, 2), np.nan)
+            if uv_kin is not None:
+                uv_in = (np.asarray(uv_kin, dtype=np.float64) - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
+            x = torch.cat([x, prior_maps(uv_in, pre.input_size, self.prior_sigma)])
         t1 = time.perf_counter()
         logits = net(x[None].to(self.device))
         t2 = time.perf_counter()
@@ -330,7 +340,7 @@ class Estimator:
                 roi = kinematic_roi(uv_kin, W, H, cfg.roi_margin, aspect)
             if roi is None:
                 roi = full_frame_roi(W, H, aspect)
-            uv, kcov, conf, ms = self.detect(image, roi)
+            uv, kcov, conf, ms = self.detect(image, roi, uv_kin)
         timings.update(ms)
 
         t_solve = time.perf_counter()

@@ -28,6 +28,7 @@ __all__ = [
     "keypoints_to_image",
     "heatmap_to_input_affine",
     "gaussian_targets",
+    "prior_maps",
 ]
 
 
@@ -175,3 +176,10 @@ def gaussian_targets(mean: torch.Tensor, shape: tuple[int, int], sigma: float,
         g = g / g.sum(-1, keepdim=True).clamp_min(1e-12)
     g = torch.where(torch.isfinite(mean).all(-1, keepdim=True), g, torch.zeros_like(g))
     return g.reshape(*mean.shape[:-1], H, W)
+
+
+def prior_maps(uv: np.ndarray, shape: tuple[int, int], sigma: float) -> torch.Tensor:
+    """The kinematic prior as network input: (K, 2) points in input px -> (K, H, W) float32 Gaussians
+    of peak 1 and width ``sigma`` input px; rows that are not finite give empty maps."""
+    m = torch.as_tensor(np.asarray(uv, dtype=np.float64))[None]
+    return gaussian_targets(m, shape, sigma, normalize=False)[0].float()

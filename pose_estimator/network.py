@@ -31,11 +31,17 @@ class HeatmapNetConfig:
     base_width: int = 16
     depth: int = 3
     stride: int = 2  # 1 or 2: heat-map resolution relative to the input
+    #: extra input channels after RGB: the kinematic prior, one Gaussian map per keypoint at
+    #: where the measured joints project it (0: the network sees RGB only)
+    prior_channels: int = 0
 
     def __post_init__(self) -> None:
         self.input_size = (int(self.input_size[0]), int(self.input_size[1]))
         if self.num_keypoints < 1 or self.base_width < 1 or self.depth < 1:
             raise ValueError("num_keypoints, base_width and depth must be >= 1")
+        if self.prior_channels not in (0, self.num_keypoints):
+            raise ValueError(f"prior_channels must be 0 or num_keypoints ({self.num_keypoints}), "
+                             f"got {self.prior_channels}")
         if self.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {self.stride}")
         f = self.stride * 2**self.depth
@@ -57,7 +63,7 @@ class HeatmapNet(nn.Module):
         self.config = config or HeatmapNetConfig(**kwargs)
         c, d = self.config.base_width, self.config.depth
         widths = [c * 2**i for i in range(d + 1)]
-        self.stem = nn.Sequential(_conv(3, c, stride=self.config.stride), _conv(c, c))
+        self.stem = nn.Sequential(_conv(3 + self.config.prior_channels, c, stride=self.config.stride), _conv(c, c))
         self.down = nn.ModuleList(nn.Sequential(_conv(widths[i], widths[i + 1], stride=2),
                                                 _conv(widths[i + 1], widths[i + 1])) for i in range(d))
         self.up = nn.ModuleList(nn.Sequential(_conv(widths[i + 1] + widths[i], widths[i]), _conv(widths[i], widths[i]))
@@ -67,7 +73,7 @@ class HeatmapNet(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised RGB -> (B, K, H/stride, W/stride) logits."""
+        """(B, 3 [+ K prior maps], H, W) normalised RGB -> (B, K, H/stride, W/stride) logits."""
         x = self.stem(x)
         skips = [x]
         for m in self.down:

@@ -200,3 +200,17 @@ def test_crop_many_matches_crop_and_per_keypoint_affines():
     assert torch.allclose(uv, torch.tensor([[[12.0, 24.0], [8.0, 10.0]]], dtype=torch.float64))
     assert torch.allclose(c[0, 0], 4 * torch.eye(2, dtype=torch.float64))
     assert torch.allclose(c[0, 1], 9 * torch.eye(2, dtype=torch.float64))
+
+
+def test_prior_maps_mark_the_kinematic_keypoints():
+    from pose_estimator.keypoints import prior_maps
+
+    m = prior_maps(np.array([[10.0, 20.0], [np.nan, np.nan], [40.6, 3.2]]), (32, 48), sigma=2.0)
+    assert m.shape == (3, 32, 48) and m.dtype == torch.float32
+    assert m[0, 20, 10] == pytest.approx(1.0) and m[0].argmax() == 20 * 48 + 10
+    assert m[1].abs().sum() == 0  # unknown: empty
+    assert m[2].argmax() == 3 * 48 + 41
+    with pytest.raises(ValueError, match="prior_channels"):
+        HeatmapNetConfig(num_keypoints=5, prior_channels=3)
+    net = HeatmapNet(HeatmapNetConfig(num_keypoints=5, input_size=(32, 32), base_width=4, depth=2, prior_channels=5))
+    assert net(torch.zeros(2, 8, 32, 32)).shape == (2, 5, 16, 16)

@@ -210,6 +210,42 @@ def test_cli_trains_a_patch_model_with_a_coarse_network(dataset, tmp_path, capsy
     assert rc == 2 and "not a whole-arm model" in capsys.readouterr().err  # a patch model is no coarse network
 
 
+def test_prior_model_starts_from_the_rgb_model_and_sees_the_kinematic_prior(dataset, robot, tmp_path):
+    """A network with kinematic-prior input channels seeded by an RGB-only one answers exactly as it
+    did (the new inputs start at zero weight); its training inputs mark where kinematics puts each keypoint."""
+    from pose_estimator.estimator import Estimator
+    from pose_estimator.model_io import load_model, save_model
+
+    torch.manual_seed(0)
+    rgb = HeatmapNet(HeatmapNetConfig(num_keypoints=robot.num_keypoints, **NET))
+    save_model(tmp_path / "rgb.safetensors", rgb, "panda", robot.keypoint_names)
+    cfg = TrainConfig(data=[str(dataset)], out=str(tmp_path / "prior"), steps=0, batch_size=4, prior_sigma=2.0,
+                      init_weights=str(tmp_path / "rgb.safetensors"), loader_threads=1, network=HeatmapNetConfig(**NET))
+    train(cfg, progress=False)
+    net, info = load_model(tmp_path / "prior" / "model.safetensors")
+    assert net.config.prior_channels == robot.num_keypoints and info["extra"]["prior_sigma"] == 2.0
+    w = net.stem[0][0].weight
+    assert torch.equal(w[:, :3], rgb.stem[0][0].weight) and w[:, 3:].abs().sum() == 0
+    f = TrainingData([dataset], robot, NET["input_size"], NET["stride"]).datasets[0].sequences()[0].frame(2)
+    e_rgb = Estimator(robot, rgb).estimate(f.image, f.camera_model(), f.joints_measured,
+                                           camera_from_base=f.T_camera_base)
+    e_pri = Estimator(robot, net, model_info=info).estimate(f.image, f.camera_model(), f.joints_measured,
+                                                            camera_from_base=f.T_camera_base)
+    assert np.allclose(e_rgb.keypoints, e_pri.keypoints, atol=1e-4)
+    # training inputs: RGB, then one map per keypoint peaking where kinematics puts it
+    data = TrainingData([dataset], robot, NET["input_size"], NET["stride"], prior_sigma=2.0)
+    s = data.load(2, np.random.default_rng(0), augment=False)
+    assert s.image.shape == (3 + robot.num_keypoints, 64, 64)
+    frame = data.datasets[0].sequences()[data.index[2][1]].frame(data.index[2][2])
+    uv_kin = data._kinematic_uv(frame, robot.keypoints_3d(torch.as_tensor(frame.joints_measured)[None])[0].numpy())
+    A_in = s.affine.copy()  # heat-map px -> image px; input px = stride * hm px + 0.5
+    uv_in = ((uv_kin - A_in[:, 2]) @ np.linalg.inv(A_in[:, :2]).T) * 2 + 0.5
+    for k in range(robot.num_keypoints):
+        if 1 <= uv_in[k, 0] <= 62 and 1 <= uv_in[k, 1] <= 62:
+            r, c = divmod(int(s.image[3 + k].argmax()), 64)
+            assert abs(c - uv_in[k, 0]) <= 0.5 + 1e-6 and abs(r - uv_in[k, 1]) <= 0.5 + 1e-6, (k, (c, r), uv_in[k])
+
+
 def test_add_auc():
     assert add_auc(np.zeros(10)) == pytest.approx(1.0, abs=1e-3)
     assert add_auc(np.full(10, np.nan)) == 0.0

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..estimator import keypoint_patch_rois, kinematic_roi
-from ..keypoints import heatmap_to_input_affine
+from ..keypoints import heatmap_to_input_affine, prior_maps
 from ..preprocess import Preprocessor, compose_affine, full_frame_roi
 from ..robot import RobotModel
 from ..sim.dataset import SyntheticDataset, pose7_to_matrix
@@ -59,6 +59,8 @@ class AugmentConfig:
     flip_channels_prob: float = 0.1  # BGR/RGB confusion in the wild
     patch_shift_std: float = 0.08  # keypoint patches: normal shift, fraction of the patch side
     patch_scale_log_std: float = 0.1  # keypoint patches: log-normal jitter of the side
+    prior_shift_std: float = 1.0  # kinematic-prior maps: normal shift of all of them, input px (extrinsic error)
+    prior_drop_prob: float = 0.1  # kinematic-prior maps: left empty (a frame without a camera seed)
 
 
 @dataclass
@@ -127,13 +129,17 @@ class TrainingData:
 
     def __init__(self, roots: list[str | Path], robot: RobotModel, input_size: tuple[int, int], stride: int,
                  labels: str = "truth", augment: AugmentConfig | None = None, roi: str = "arm",
-                 patch_fraction: float = 0.24):
+                 patch_fraction: float = 0.24, prior_sigma: float = 0.0):
         if labels not in ("truth", "labels"):
             raise ValueError(f"labels must be 'truth' or 'labels', got {labels!r}")
         if roi not in ("arm", "keypoints"):
             raise ValueError(f"roi must be 'arm' or 'keypoints', got {roi!r}")
         self.roi = roi
         self.patch_fraction = patch_fraction
+        #: > 0: whole-arm inputs carry the kinematic prior, one map per keypoint of this width (input px)
+        self.prior_sigma = prior_sigma
+        if prior_sigma > 0 and roi != "arm":
+            raise ValueError("kinematic-prior maps are for whole-arm crops (roi='arm')")
         self.datasets = [SyntheticDataset(r) for r in roots]
         self.robot = robot
         self.labels = labels
@@ -208,8 +214,10 @@ class TrainingData:
         h, w = self.input_size
         aspect = w / h
         roi = None
+        uv_kin = self._kinematic_uv(f, P_base)
         if not (augment and rng.random() < self.aug.full_frame_prob):
-            roi = kinematic_roi(self._kinematic_uv(f, P_base), W, H, self.aug.roi_margin, aspect)
+            roi = kinematic_roi(uv_kin, W, H, self.aug.roi_margin, aspect)
+        with_prior = roi is not None  # the estimator knows where the arm is only with a camera seed
         if roi is None:
             roi = full_frame_roi(W, H, aspect)
         elif augment:
@@ -224,6 +232,13 @@ class TrainingData:
         if augment:
             crop = _augment(crop, rng, self.aug)
         x = self.pre.normalize(crop)
+        if self.prior_sigma > 0:
+            uv_in = np.full((self.robot.num_keypoints, 2), np.nan)
+            if with_prior and not (augment and rng.random() < self.aug.prior_drop_prob):
+                uv_in = (uv_kin - A_in[:, 2]) @ np.linalg.inv(A_in[:, :2]).T
+                if augment:
+                    uv_in = uv_in + rng.normal(0, self.aug.prior_shift_std, 2)
+            x = torch.cat([x, prior_maps(uv_in, self.input_size, self.prior_sigma)])
         A = compose_affine(A_in, self.A_hm)  # heat-map px -> image px
         return x, A, np.ones(self.robot.num_keypoints, bool)
 

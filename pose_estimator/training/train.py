@@ -67,6 +67,8 @@ class TrainConfig:
     #: solver mode of the pose and displacement losses ('articulated' as the estimator runs, or 'rigid')
     pose_loss_mode: str = "articulated"
     checkpoint_every: int = 100
+    #: also keep the checkpoint of these steps (RUN/checkpoint_step<N>.pt), e.g. where ablations branch off
+    keep_checkpoints: list[int] = field(default_factory=list)
     log_every: int = 10
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     loader_threads: int = 2
@@ -85,6 +87,9 @@ class TrainConfig:
     #: a keypoint-patch model: a whole-arm model file to embed as its coarse network (for frames
     #: without a camera seed); empty: none
     coarse_model: str = ""
+    #: whole-arm models: > 0 gives the network the kinematic prior as input, one Gaussian map per
+    #: keypoint of this width (input px) where the measured joints project it; 0: RGB only
+    prior_sigma: float = 0.0
     network: HeatmapNetConfig = field(default_factory=HeatmapNetConfig)
     losses: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -139,9 +144,10 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     robot = RobotModel.from_yaml(cfg.robot)
-    net_cfg = dataclasses.replace(cfg.network, num_keypoints=robot.num_keypoints)
+    net_cfg = dataclasses.replace(cfg.network, num_keypoints=robot.num_keypoints,
+                                  prior_channels=robot.num_keypoints if cfg.prior_sigma > 0 else 0)
     data = TrainingData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, labels=cfg.labels, augment=cfg.augment,
-                        roi=cfg.roi, patch_fraction=cfg.patch_fraction)
+                        roi=cfg.roi, patch_fraction=cfg.patch_fraction, prior_sigma=cfg.prior_sigma)
     coarse = None
     if cfg.coarse_model and rank == 0:  # read it now: a bad file must not wait for the end of training
         from ..model_io import load_model
@@ -166,7 +172,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         saved = json.loads(ck["config"])
         mine = json.loads(cfg_json)
         # Only the length of the run may change on resume.
-        for k in ("steps", "init_from", "init_weights"):
+        for k in ("steps", "init_from", "init_weights", "keep_checkpoints"):
             saved.pop(k, None)
             mine.pop(k, None)
         if saved != mine:
@@ -183,8 +189,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         from ..model_io import load_model
 
         src, _ = load_model(cfg.init_weights)
+        state = net.state_dict()
+        for k, v in src.state_dict().items():
+            # An RGB-only network's first layer seeds one with prior channels: the new inputs start at
+            # zero weight, so training starts from exactly the source network's answers.
+            if k in state and v.ndim == 4 and state[k].ndim == 4 and v.shape[1] < state[k].shape[1] \
+                    and v.shape[0] == state[k].shape[0] and v.shape[2:] == state[k].shape[2:]:
+                v = torch.cat([v, torch.zeros(v.shape[0], state[k].shape[1] - v.shape[1], *v.shape[2:])], 1)
+            state[k] = v
         try:
-            net.load_state_dict(src.state_dict())
+            net.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"init_weights {cfg.init_weights}: another architecture ({e})") from e
         if rank == 0:
@@ -320,12 +334,17 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
             if use_amp:
                 ck["scaler"] = scaler.state_dict()
             _atomic_torch_save(ck, ckpt_path)
+        if rank == 0 and done in cfg.keep_checkpoints:
+            ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": done, "config": cfg_json}
+            _atomic_torch_save(ck, out / f"checkpoint_step{done}.pt")
     if bar is not None:
         bar.close()
     pool.shutdown(wait=False, cancel_futures=True)
     loaders.shutdown(wait=False, cancel_futures=True)
     if rank == 0:
         extra = {"train_config": json.loads(cfg_json), "steps": cfg.steps, "roi": cfg.roi}
+        if cfg.prior_sigma > 0:
+            extra["prior_sigma"] = cfg.prior_sigma
         if cfg.roi == "keypoints":
             extra["patch_fraction"] = cfg.patch_fraction
         save_model(out / "model.safetensors", net.cpu(), robot=cfg.robot if "/" not in cfg.robot else "",
