@@ -94,25 +94,43 @@ def transform_points(T: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return p @ T[..., :3, :3].transpose(-1, -2) + T[..., None, :3, 3]
 
 
+def _quaternion_candidates() -> torch.Tensor:
+    """(20, 10): rows are the four candidate (unnormalised) quaternions' entries and then their
+    four denominators, each a linear form in (r00, r01, …, r22, 1)."""
+    def row(*terms):
+        v = [0.0] * 10
+        for coef, i in terms:
+            v[i] += coef
+        return v
+
+    one = 9
+    d0 = row((1, 0), (1, 4), (1, 8), (1, one))            # 1 + t
+    d1 = row((1, one), (1, 0), (-1, 4), (-1, 8))
+    d2 = row((1, one), (-1, 0), (1, 4), (-1, 8))
+    d3 = row((1, one), (-1, 0), (-1, 4), (1, 8))
+    rows = [
+        row((1, 7), (-1, 5)), row((1, 2), (-1, 6)), row((1, 3), (-1, 1)), d0,
+        d1, row((1, 1), (1, 3)), row((1, 2), (1, 6)), row((1, 7), (-1, 5)),
+        row((1, 1), (1, 3)), d2, row((1, 5), (1, 7)), row((1, 2), (-1, 6)),
+        row((1, 2), (1, 6)), row((1, 5), (1, 7)), d3, row((1, 3), (-1, 1)),
+        d0, d1, d2, d3,
+    ]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+_QUAT_CANDIDATES = _quaternion_candidates()
+
+
 def quaternion_from_matrix(R: torch.Tensor) -> torch.Tensor:
-    """Rotation matrix (..., 3, 3) -> unit quaternion (..., 4) as (x, y, z, w), w >= 0 (ROS order)."""
-    m = R
-    t = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
-    # Four candidate formulas; pick the numerically largest denominator per element.
-    qs = torch.stack([
-        torch.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0],
-                     m[..., 1, 0] - m[..., 0, 1], 1 + t], -1),
-        torch.stack([1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2], m[..., 0, 1] + m[..., 1, 0],
-                     m[..., 0, 2] + m[..., 2, 0], m[..., 2, 1] - m[..., 1, 2]], -1),
-        torch.stack([m[..., 0, 1] + m[..., 1, 0], 1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2],
-                     m[..., 1, 2] + m[..., 2, 1], m[..., 0, 2] - m[..., 2, 0]], -1),
-        torch.stack([m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1],
-                     1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2], m[..., 1, 0] - m[..., 0, 1]], -1),
-    ], -2)  # (..., 4 candidates, 4)
-    diag = torch.stack([1 + t, 1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2],
-                        1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2],
-                        1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]], -1)
-    idx = diag.argmax(-1)
+    """Rotation matrix (..., 3, 3) -> unit quaternion (..., 4) as (x, y, z, w), w >= 0 (ROS order).
+
+    Of the four textbook formulas, each element uses the one with the largest
+    denominator (numerically safest); all four come out of one matrix product.
+    """
+    m = torch.cat([R.flatten(-2), torch.ones(R.shape[:-2] + (1,), dtype=R.dtype, device=R.device)], -1)
+    c = m @ _QUAT_CANDIDATES.to(dtype=R.dtype, device=R.device).T  # (..., 20)
+    qs = c[..., :16].unflatten(-1, (4, 4))  # (..., 4 candidates, 4)
+    idx = c[..., 16:].argmax(-1)
     q = torch.gather(qs, -2, idx[..., None, None].expand(idx.shape + (1, 4)))[..., 0, :]
     q = q / q.norm(dim=-1, keepdim=True)
     return q * torch.where(q[..., 3:] < 0, -1.0, 1.0).to(q.dtype)

@@ -49,8 +49,9 @@ class SolverConfig:
     """Settings of :func:`solve`; defaults are what the node and training use."""
 
     max_iterations: int = 40
-    #: stop when the cost falls by less than this fraction and the step is tiny
-    tolerance: float = 1e-10
+    #: stop when the cost falls by less than this fraction, or the step is tiny (about 1e-2 x its square
+    #: root, rad and m): micrometres, far below any pose uncertainty
+    tolerance: float = 1e-7
     #: 'none', 'huber' or 'cauchy', on the Mahalanobis distance of each keypoint
     robust_loss: str = "cauchy"
     #: scale of the robust loss, in standard deviations
