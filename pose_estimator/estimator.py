@@ -141,6 +141,9 @@ class Estimator:
         #: the model's own calibration of its heat-map variance (``pose-estimator calibrate``);
         #: ``config.keypoint_variance_scale`` multiplies on top of it
         self.model_variance_scale = float(extra.get("keypoint_variance_scale", 1.0))
+        #: the model's calibration of the published pose covariance (``pose-estimator calibrate``): what
+        #: makes 95 % of held-out end-effector positions fall inside the published 95 % ellipsoid
+        self.pose_covariance_scale = float(extra.get("pose_covariance_scale", 1.0))
         # The whole-arm network: the model itself, or a patch model's coarse network (may be None).
         self._arm = None
         if self.roi_mode == "arm":
@@ -395,7 +398,7 @@ class Estimator:
         else:
             inl = sol.inliers[0].numpy()
         return Estimate(
-            pose=sol.pose[0].detach().numpy(), covariance=sol.covariance[0].detach().numpy(),
+            pose=sol.pose[0].detach().numpy(), covariance=sol.covariance[0].detach().numpy() * self.pose_covariance_scale,
             converged=bool(sol.converged[0]), message=sol.message[0], keypoints=uv, keypoint_covariance=kcov,
             confidence=conf, inliers=inl, residual=float(sol.residual[0]), residual_px=float(sol.residual_px[0]),
             iterations=int(sol.iterations[0]), mode=mode,

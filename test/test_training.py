@@ -182,6 +182,7 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
 
     est = Estimator.from_files(tmp_path / "m.safetensors")
     assert est.model_variance_scale == pytest.approx(c["keypoint_variance_scale"])
+    assert c["pose_covariance_scale"] > 0 and est.pose_covariance_scale == pytest.approx(c["pose_covariance_scale"])
 
 
 def test_cli_trains_a_patch_model_with_a_coarse_network(dataset, tmp_path, capsys):

@@ -124,8 +124,9 @@ def cli_evaluate(args: argparse.Namespace) -> int:
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model file to calibrate (rewritten in place unless --dry-run)")
     p.add_argument("--data", required=True, help="held-out dataset (not the training data, not the test data)")
+    p.add_argument("--config", help="estimator YAML the model will run with (the pose factor depends on its priors)")
     p.add_argument("--max-frames", type=int)
-    p.add_argument("--dry-run", action="store_true", help="print the factor, leave the model alone")
+    p.add_argument("--dry-run", action="store_true", help="print the factors, leave the model alone")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
 
@@ -133,11 +134,13 @@ def cli_calibrate(args: argparse.Namespace) -> int:
     from ..model_io import update_model_extra
     from .evaluate import calibrate_variance
 
-    m = calibrate_variance(args.model, args.data, max_frames=args.max_frames)
+    from ..config import load_config
+
+    m = calibrate_variance(args.model, args.data, max_frames=args.max_frames, config=load_config(args.config))
     if not args.dry_run:
         update_model_extra(args.model, keypoint_variance_scale=m["keypoint_variance_scale"],
-                           keypoint_variance_calibration={k: v for k, v in m.items()
-                                                          if k != "keypoint_variance_scale"} | {"data": str(args.data)})
+                           pose_covariance_scale=m["pose_covariance_scale"],
+                           calibration={k: v for k, v in m.items() if not k.endswith("_scale")} | {"data": str(args.data)})
     if args.json:
         print(json.dumps(m))
     else:
