@@ -221,14 +221,27 @@ def played(graph, recording, model_file):
     BagPlayer(player_node, recording, topics=["/robot_description", "/tf_static"]).play()
     assert wait_for(lambda: node.estimator is not None, 20), "robot model not built from /robot_description"
     assert wait_for(lambda: node.static_tf.lookup("camera_optical_frame", "panda_link0") is not None, 10)
-    player = BagPlayer(player_node, recording, rate=0.5, exclude=["/robot_description", "/tf_static"])
+    player = BagPlayer(player_node, recording, rate=0.2, exclude=["/robot_description", "/tf_static"])
     assert not player.wait_for_subscribers(["/camera/image_raw", "/camera/camera_info", "/joint_states"], 10)
     assert wait_for(lambda: node.pose_pub.get_subscription_count() > 0 and node.diag_pub.get_subscription_count() > 0)
-    player.play()
+    stats = player.play()  # returns when every message has been published
     n = 20
-    # Generous deadlines: on a loaded 2-core machine DDS may deliver 640x480 frames late (never a fixed sleep).
-    assert wait_for(lambda: node.counters.frames_processed + node.counters.frames_dropped >= n, 60)
-    assert wait_for(lambda: node.frames_finished == node.counters.frames_processed, 30)
+    assert stats.per_topic.get("/camera/image_raw") == n, stats
+    # Every frame that arrives is processed or dropped (the node keeps only the newest). The image reader
+    # keeps the last 2 samples, as the node should: when the worker holds the interpreter long enough
+    # (an untrained model on a loaded 2-core machine), DDS itself may replace a waiting frame with the next,
+    # so at least half, not all, must arrive. Settled: all 20 in, or none for 2 s since the last.
+    last = {"received": -1, "t": time.monotonic()}
+
+    def settled() -> bool:
+        c = node.counters
+        if c.frames_received != last["received"]:
+            last.update(received=c.frames_received, t=time.monotonic())
+        arrived = c.frames_received >= n or time.monotonic() - last["t"] > 2.0
+        return (arrived and c.frames_received >= n // 2 and c.frames_processed + c.frames_dropped == c.frames_received
+                and node.frames_finished == c.frames_processed)
+
+    assert wait_for(settled, 60), vars(node.counters)
     solved = node.counters.poses_published + node.counters.poses_rejected
     assert wait_for(lambda: len(out["status"]) == solved and len(out["kp"]) == solved, 10)
     assert wait_for(lambda: any(st.hardware_id == "/pe_play" for m in out["diag"].snapshot() for st in m.status), 5)
@@ -239,8 +252,8 @@ def played(graph, recording, model_file):
 def test_node_publishes_keypoints_and_status_for_every_processed_frame(played, recording):
     node, out = played
     c = node.counters
-    assert c.frames_received == 20 and c.bad_images == 0 and c.internal_errors == 0
-    assert c.frames_processed + c.frames_dropped == 20 and c.frames_processed >= 5
+    assert 10 <= c.frames_received <= 20 and c.bad_images == 0 and c.internal_errors == 0
+    assert c.frames_processed + c.frames_dropped == c.frames_received and c.frames_processed >= 5
     # Frames reach the estimator unless they came before the first CameraInfo (the recording sends the
     # image first); each of those gets keypoints and a status.
     solved = c.poses_published + c.poses_rejected
@@ -302,7 +315,7 @@ def test_diagnostics_report_rate_latency_counts_and_status(played):
     assert st.hardware_id == "/pe_play" and st.name.startswith("pe_play")
     assert int(kv["frames_received"]) >= 1
     d = _diag(node)
-    assert d["frames_received"] == 20 and d["joint_age_ms"] < 10.0
+    assert d["frames_received"] == node.counters.frames_received and d["joint_age_ms"] < 10.0
 
 
 def test_debug_image_is_drawn_only_when_someone_subscribes(graph, model_file, recording):

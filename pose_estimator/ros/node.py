@@ -82,9 +82,10 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
     "model_path": ("", "Trained model (.safetensors). Empty: resource/models/<robot>.safetensors or "
                        "resource/models/default.safetensors.", True, None),
     "device": ("cpu", "torch device for inference ('cpu', 'cuda', 'cuda:0').", True, None),
-    "torch_threads": (0, "torch intra-op threads for inference; 0 keeps torch's default (all cores). One "
-                         "leaves the other cores to DDS and the executor: more threads spin in OpenMP and "
-                         "starve message delivery on small CPUs.", True, (0, 256)),
+    "torch_threads": (1, "torch intra-op threads for inference (process-wide); 0 keeps torch's default (all "
+                         "cores). One leaves the other cores to DDS and the executor: more threads spin in "
+                         "OpenMP and starve message delivery on small CPUs. Raise it on a large CPU.", True,
+                      (0, 256)),
     "image_transport": ("raw", "'raw' subscribes to 'image' (sensor_msgs/Image); 'compressed' to "
                                "'image/compressed' (sensor_msgs/CompressedImage).", True, None),
     "image_qos": ("sensor_data", "QoS of the image and camera_info subscriptions: 'sensor_data' (best effort, the ROS "
