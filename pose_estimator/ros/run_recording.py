@@ -19,6 +19,7 @@ loopback-only discovery and its own ``ROS_DOMAIN_ID``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,18 @@ def run_recording(sequence: str | Path, model_path: str | Path, rate: float = 1.
         params: extra node parameters, e.g. ``{"camera_extrinsic_from_tf": True}``.
         debug_dir: where to write the first ``debug_frames`` debug images as PNG (None: none).
     """
+    # Node, player and scorer share this interpreter, and the node's worker runs long stretches of
+    # Python (the solver): at the default 5 ms switch interval each message callback may wait that
+    # long for the interpreter, and at 150 messages/s the executor falls seconds behind.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(5e-4)
+    try:
+        return _run_recording(sequence, model_path, rate, params, debug_dir, debug_frames, timeout_s)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _run_recording(sequence, model_path, rate, params, debug_dir, debug_frames, timeout_s) -> RecordingRun:
     import cv2
     import torch
     from geometry_msgs.msg import PoseWithCovarianceStamped
