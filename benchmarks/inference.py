@@ -4,9 +4,9 @@ Runs, side by side in one process on the same 640x480 frames:
 
 * ours: what :class:`~pose_estimator.estimator.Estimator` does before the solver,
   with the shipped model when present (else the default architecture
-  untrained): crop/resize (one crop around the arm, or for a keypoint-patch
-  model one patch per keypoint around where kinematics puts it) + HeatmapNet +
-  soft-argmax with covariance + mapping back to image pixels;
+  untrained): crop/resize around the arm (plus the kinematic-prior maps for a
+  network that takes them) + HeatmapNet + soft-argmax with covariance +
+  mapping back to image pixels;
 * the network alone, and the soft-argmax and the Gaussian fit alone;
 * a peer for scale: OpenCV's ArUco marker detector on the same frames (the
   classic fiducial approach to finding a hand in an image).
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pose_estimator.config import EstimatorConfig
-from pose_estimator.estimator import Estimator, keypoint_patch_rois
+from pose_estimator.estimator import Estimator
 from pose_estimator.keypoints import gaussian_fit2d, soft_argmax2d
 from pose_estimator.model_io import load_model
 from pose_estimator.network import HeatmapNet, HeatmapNetConfig
@@ -87,17 +87,10 @@ def main() -> None:
     # Where kinematics would put the keypoints: an arm about 280 px tall in the middle of the frame.
     uv_kin = np.column_stack([np.linspace(240, 400, K), np.linspace(380, 100, K)])
     roi = (180.0, 100.0, 460.0, 380.0)
-    if est.roi_mode == "keypoints":
-        rois, _ = keypoint_patch_rois(uv_kin, 640, 480, est.patch_fraction)
-        x0 = est.preprocess.normalize(est.preprocess.crop_many(imgs[0], rois)[0])
-        ours = lambda img: est.detect_patches(img, uv_kin)
-        label = f"{K} patches {cfg.input_size[1]}x{cfg.input_size[0]}"
-    else:
-        x0 = est.preprocess(imgs[0], roi)[0][None]
-        if cfg.prior_channels:  # the kinematic prior maps go in beside the image
-            x0 = torch.cat([x0, torch.zeros(1, cfg.prior_channels, *cfg.input_size)], 1)
-        ours = lambda img: est.detect(img, roi, uv_kin)
-        label = f"one crop {cfg.input_size[1]}x{cfg.input_size[0]}"
+    x0 = est.preprocess(imgs[0], roi)[0][None]
+    if cfg.prior_channels:  # the kinematic prior maps go in beside the image
+        x0 = torch.cat([x0, torch.zeros(1, cfg.prior_channels, *cfg.input_size)], 1)
+    ours = lambda img: est.detect(img, roi, uv_kin)
 
     @torch.inference_mode()
     def net_only(_):
@@ -105,8 +98,6 @@ def main() -> None:
 
     with torch.inference_mode():
         logits0 = net(x0).double()
-        if est.roi_mode == "keypoints":
-            logits0 = logits0[torch.arange(K), torch.arange(K)][None]
     sa = lambda _: soft_argmax2d(logits0)
     gf = lambda _: gaussian_fit2d(logits0)
     detector = cv2.aruco.ArucoDetector(cv2.aruco.getPredefinedDictionary(cv2.aruco.DICT_4X4_50),
@@ -123,7 +114,7 @@ def main() -> None:
     }
     med = {k: statistics.median(v) for k, v in rows.items()}
     p95 = {k: float(np.percentile(v, 95)) for k, v in rows.items()}
-    print(f"model: {which}; input {label}, heat maps at stride {cfg.stride}, "
+    print(f"model: {which}; input {cfg.input_size[1]}x{cfg.input_size[0]}, heat maps at stride {cfg.stride}, "
           f"{cfg.num_keypoints} keypoints; {args.threads} torch thread(s); {len(imgs)} frames 640x480")
     print(f"{'stage':<45} {'median ms':>10} {'p95 ms':>8}")
     for k in rows:
@@ -137,8 +128,7 @@ def main() -> None:
         "ms_per_frame_p95": round(p95["ours (preprocess + network + soft-argmax)"], 3),
         "fps": round(1000 / ours_ms, 1),
         "input_size": list(cfg.input_size),
-        "roi": est.roi_mode,
-        "patches": K if est.roi_mode == "keypoints" else 0,
+        "prior_channels": cfg.prior_channels,
         "network_ms_median": round(med["network alone"], 3),
         "softargmax_ms_median": round(med["soft-argmax alone"], 3),
         "gaussian_fit_ms_median": round(med["Gaussian fit alone"], 3),

@@ -36,8 +36,7 @@ class EstimatorConfig:
     keypoint_method: str = "softargmax"
     #: spatial-softmax temperature
     temperature: float = 1.0
-    #: 'kinematic': look where the measured joints put the arm (one crop around it, or for a keypoint-patch
-    #: model one patch per keypoint); 'full': the whole frame (a patch model's whole-arm network)
+    #: 'kinematic': crop around where the measured joints put the arm; 'full': whole frame
     roi: str = "kinematic"
     #: margin added around the kinematic bounding box, as a fraction of its size
     roi_margin: float = 0.25

@@ -1,7 +1,6 @@
 """The FIG. 3 process as one call: image (+ intrinsics, + joints) -> pose with covariance.
 
-    image ─► crop around where kinematics puts the arm (affine remembered), or, for a
-             keypoint-patch model, one small patch around where kinematics puts each keypoint
+    image ─► crop around where kinematics puts the arm (affine remembered)
           ─► HeatmapNet ─► soft-argmax / Gaussian fit ─► keypoints + 2x2 covariances (image px)
     joints ─► forward kinematics ─► seed (camera-from-base from the last frame,
               a caller-supplied extrinsic, or PnP on the kinematic keypoints)
@@ -27,7 +26,7 @@ from .preprocess import Preprocessor, compose_affine, full_frame_roi
 from .robot import RobotModel
 from .solver import PoseSolution, solve
 
-__all__ = ["Estimate", "Estimator", "kinematic_roi", "keypoint_patch_rois"]
+__all__ = ["Estimate", "Estimator", "kinematic_roi"]
 
 
 @dataclass
@@ -80,61 +79,25 @@ def kinematic_roi(uv: np.ndarray, width: int, height: int, margin: float, aspect
     return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
 
 
-def keypoint_patch_rois(uv: np.ndarray, width: int, height: int, fraction: float,
-                        min_side: float = 16.0) -> tuple[np.ndarray, float]:
-    """Square patches (x0, y0, x1, y1) centred on projected keypoints, one per keypoint.
-
-    The side is ``fraction`` of the arm's extent in the image (the larger side
-    of the projected keypoints' bounding box), so the network sees each part
-    at the same scale however far the camera is. Rows of keypoints that are
-    not finite, or whose patch lies wholly outside the image, are NaN.
-
-    Returns ``(rois (K, 4), side)``; ``side`` is NaN when no keypoint is usable.
-    """
-    uv = np.asarray(uv, dtype=np.float64)
-    ok = np.isfinite(uv).all(1)
-    rois = np.full((len(uv), 4), np.nan)
-    if not ok.any():
-        return rois, float("nan")
-    extent = float(np.ptp(uv[ok], axis=0).max()) if ok.sum() > 1 else 0.0
-    side = max(fraction * extent, min_side)
-    half = side / 2
-    c = uv[ok]
-    box = np.stack([c[:, 0] - half, c[:, 1] - half, c[:, 0] + half, c[:, 1] + half], 1)
-    visible = (box[:, 2] > 0) & (box[:, 3] > 0) & (box[:, 0] < width) & (box[:, 1] < height)
-    box[~visible] = np.nan
-    rois[ok] = box
-    return rois, side
-
-
 class Estimator:
     """Image to end-effector pose with covariance, for one robot and one trained network."""
 
     def __init__(self, robot: RobotModel, net: torch.nn.Module, config: EstimatorConfig | None = None,
                  device: str | torch.device = "cpu", model_info: dict | None = None):
         """``model_info`` is the metadata :func:`~pose_estimator.model_io.load_model` returns with ``net``:
-        how the network looks at the image (whole-arm crop or keypoint patches), its variance
-        calibration and, for a patch model, the whole-arm network for frames without a camera seed."""
+        its calibration and, for a network with kinematic-prior inputs, their width."""
         self.config = config or EstimatorConfig()
         self.robot = robot
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         info = model_info or {}
         extra = info.get("extra") or {}
-        #: 'arm' (one crop around the whole arm) or 'keypoints' (one patch per keypoint)
-        self.roi_mode = str(extra.get("roi", "arm"))
-        if self.roi_mode not in ("arm", "keypoints"):
-            raise ValueError(f"model has unknown roi mode {self.roi_mode!r} (expected 'arm' or 'keypoints')")
-        self.patch_fraction = float(extra.get("patch_fraction", 0.24))
         #: width (input px) of the kinematic-prior maps a network with prior channels is given
         self.prior_sigma = float(extra.get("prior_sigma", 2.0))
-        if net.config.prior_channels and self.roi_mode != "arm":
-            raise ValueError("kinematic-prior input channels are for whole-arm models")
-        for n in [net] + ([info["coarse"]] if info.get("coarse") is not None else []):
-            if n.config.num_keypoints != robot.num_keypoints:
-                raise ValueError(f"network predicts {n.config.num_keypoints} keypoints but robot "
-                                 f"'{robot.definition.name}' defines {robot.num_keypoints}")
         ncfg = net.config
+        if ncfg.num_keypoints != robot.num_keypoints:
+            raise ValueError(f"network predicts {ncfg.num_keypoints} keypoints but robot "
+                             f"'{robot.definition.name}' defines {robot.num_keypoints}")
         self.input_size = tuple(ncfg.input_size)  # (h, w)
         self.preprocess = Preprocessor(input_size=self.input_size)
         self.hm_affine = heatmap_to_input_affine(ncfg.stride)
@@ -144,14 +107,6 @@ class Estimator:
         #: the model's calibration of the published pose covariance (``pose-estimator calibrate``): what
         #: makes 95 % of held-out end-effector positions fall inside the published 95 % ellipsoid
         self.pose_covariance_scale = float(extra.get("pose_covariance_scale", 1.0))
-        # The whole-arm network: the model itself, or a patch model's coarse network (may be None).
-        self._arm = None
-        if self.roi_mode == "arm":
-            self._arm = (self.net, self.preprocess, self.hm_affine, None)
-        elif info.get("coarse") is not None:
-            c = info["coarse"].to(self.device).eval()
-            self._arm = (c, Preprocessor(tuple(c.config.input_size)), heatmap_to_input_affine(c.config.stride),
-                         float((info.get("coarse_extra") or {}).get("keypoint_variance_scale", 1.0)))
         self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
 
@@ -171,91 +126,48 @@ class Estimator:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One call of each network on a blank input: the first call allocates and is several times slower."""
-        n = self.robot.num_keypoints if self.roi_mode == "keypoints" else 1
-        for net in {id(self.net): self.net, **({id(self._arm[0]): self._arm[0]} if self._arm else {})}.values():
-            c = net.config
-            net(torch.zeros(n if net is self.net else 1, 3 + c.prior_channels, *c.input_size, device=self.device))
+        """One call of the network on a blank input: the first call allocates and is several times slower."""
+        c = self.net.config
+        self.net(torch.zeros(1, 3 + c.prior_channels, *c.input_size, device=self.device))
 
     def reset(self) -> None:
         """Forget the tracked camera-from-base (e.g. when a recording loops)."""
         self._camera_from_base = None
 
     # ------------------------------------------------------------------ pieces
-    def _heatmap_keypoints(self, logits: torch.Tensor, affine: np.ndarray, variance_scale: float):
-        """(1, K, h, w) logits and heat-map px -> image px affine(s) -> (uv, cov, confidence) numpy."""
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
+        """Keypoints in one crop: -> (uv (K,2), cov (K,2,2) image px, confidence (K,), timings ms).
+
+        A network with prior channels is also given where ``uv_kin`` (image px, from the
+        measured joints; None: unknown) puts each keypoint.
+        """
+        net = self.net
+        t0 = time.perf_counter()
+        x, affine = self.preprocess(image, roi)
+        if net.config.prior_channels:
+            uv_in = np.full((net.config.num_keypoints, 2), np.nan)
+            if uv_kin is not None:
+                uv_in = (np.asarray(uv_kin, dtype=np.float64) - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
+            x = torch.cat([x, prior_maps(uv_in, self.input_size, self.prior_sigma)])
+        t1 = time.perf_counter()
+        logits = net(x[None].to(self.device))
+        t2 = time.perf_counter()
         logits = logits.double()
         if self.config.keypoint_method == "gaussian_fit":
             mean, cov, _ = gaussian_fit2d(logits / self.config.temperature)
         else:
             mean, cov = soft_argmax2d(logits, temperature=self.config.temperature)
-        uv, cov_img = keypoints_to_image(mean, cov, torch.as_tensor(affine, dtype=torch.float64))
-        cov_img = cov_img * (self.config.keypoint_variance_scale * variance_scale)
+        A = compose_affine(np.asarray(affine, dtype=np.float64), self.hm_affine)
+        uv, cov_img = keypoints_to_image(mean, cov, torch.as_tensor(A, dtype=torch.float64))
+        cov_img = cov_img * (self.config.keypoint_variance_scale * self.model_variance_scale)
         # Confidence: the spatial-softmax peak relative to the peak of the
         # sharpest distribution the network is trained towards (sigma = 1 heat-map px).
         prob = torch.softmax(logits.flatten(2) / self.config.temperature, -1)
         conf = (prob.max(-1).values * 2 * np.pi).clamp(max=1.0)
-        return uv[0].cpu().numpy(), cov_img[0].cpu().numpy(), conf[0].cpu().numpy()
-
-    @torch.inference_mode()
-    def detect(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
-        """Whole-arm detection in one crop: -> (uv (K,2), cov (K,2,2), confidence (K,), timings ms).
-
-        Uses the model itself, or a patch model's coarse network; raises ``ValueError``
-        for a patch model without one. A network with prior channels is also given
-        where ``uv_kin`` (image px, from the measured joints; None: unknown) puts each keypoint.
-        """
-        if self._arm is None:
-            raise ValueError("this keypoint-patch model has no whole-arm network: it needs a camera seed "
-                             "(an extrinsic from TF, or a tracked estimate)")
-        net, pre, hm_affine, scale = self._arm
-        t0 = time.perf_counter()
-        x, affine = pre(image, roi)
-        if net.config.prior_channels:
-            uv_in = np.full((net.config.num_keypoints, 2), np.nan)
-            if uv_kin is not None:
-                uv_in = (np.asarray(uv_kin, dtype=np.float64) - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
-            x = torch.cat([x, prior_maps(uv_in, pre.input_size, self.prior_sigma)])
-        t1 = time.perf_counter()
-        logits = net(x[None].to(self.device))
-        t2 = time.perf_counter()
-        A = compose_affine(np.asarray(affine, dtype=np.float64), hm_affine)
-        uv, cov, conf = self._heatmap_keypoints(logits, A, self.model_variance_scale if scale is None else scale)
         t3 = time.perf_counter()
         ms = {"preprocess": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3, "keypoints": (t3 - t2) * 1e3}
-        return uv, cov, conf, ms
-
-    @torch.inference_mode()
-    def detect_patches(self, image: np.ndarray, uv_kin: np.ndarray):
-        """Keypoint-patch detection: one patch per keypoint, centred where kinematics projects it.
-
-        Returns (uv (K,2), cov (K,2,2), confidence (K,), arm box or None, timings ms).
-        Keypoints without a patch (behind the camera, outside the image) are NaN with
-        confidence 0.
-        """
-        t0 = time.perf_counter()
-        H, W = image.shape[:2]
-        K = self.robot.num_keypoints
-        rois, side = keypoint_patch_rois(uv_kin, W, H, self.patch_fraction)
-        idx = np.flatnonzero(np.isfinite(rois).all(1))
-        uv = np.full((K, 2), np.nan)
-        cov = np.tile(np.eye(2) * 1e12, (K, 1, 1))
-        conf = np.zeros(K)
-        if idx.size == 0:
-            return uv, cov, conf, None, {"preprocess": (time.perf_counter() - t0) * 1e3}
-        crops, affines = self.preprocess.crop_many(image, rois[idx])
-        x = self.preprocess.normalize(crops)
-        t1 = time.perf_counter()
-        logits = self.net(x.to(self.device))  # (n, K, h, w): patch i answers in channel idx[i]
-        logits = logits[torch.arange(idx.size), torch.as_tensor(idx)][None]
-        t2 = time.perf_counter()
-        A = np.stack([compose_affine(a, self.hm_affine) for a in affines])[None]
-        uv[idx], cov[idx], conf[idx] = self._heatmap_keypoints(logits, A, self.model_variance_scale)
-        t3 = time.perf_counter()
-        box = rois[idx]
-        arm = (float(box[:, 0].min()), float(box[:, 1].min()), float(box[:, 2].max()), float(box[:, 3].max()))
-        ms = {"preprocess": (t1 - t0) * 1e3, "network": (t2 - t1) * 1e3, "keypoints": (t3 - t2) * 1e3}
-        return uv, cov, conf, arm, ms
+        return uv[0].cpu().numpy(), cov_img[0].cpu().numpy(), conf[0].cpu().numpy(), ms
 
     def _pnp_seed(self, P: np.ndarray, uv: np.ndarray, cam: CameraModel) -> np.ndarray | None:
         ok = np.isfinite(uv).all(1)
@@ -321,29 +233,11 @@ class Estimator:
             uv_kin[~in_front] = np.nan
         timings["kinematics"] = (time.perf_counter() - t0) * 1e3
 
-        roi = None
-        if self.roi_mode == "keypoints" and uv_kin is not None:
-            uv, kcov, conf, roi, ms = self.detect_patches(image, uv_kin)
-        if roi is None:  # whole-arm detection: an arm model, or a patch model without a seed
-            if self._arm is None:
-                if uv_kin is not None:
-                    why = "no keypoint projects into the image from the measured joints and the camera seed"
-                elif T_cb is not None:
-                    why = "roi 'full' needs a whole-arm network, and this keypoint-patch model has none"
-                else:
-                    why = ("no camera seed: a keypoint-patch model needs camera_from_base (an extrinsic, or a "
-                           "tracked estimate) and this model has no whole-arm network")
-                est = self._failed(np.full((self.robot.num_keypoints, 2), np.nan),
-                                   np.tile(np.eye(2) * 1e12, (self.robot.num_keypoints, 1, 1)),
-                                   np.zeros(self.robot.num_keypoints), None, why, cfg.mode)
-                est.timings_ms = timings
-                return est
-            aspect = self._arm[1].input_size[1] / self._arm[1].input_size[0]
-            if uv_kin is not None:
-                roi = kinematic_roi(uv_kin, W, H, cfg.roi_margin, aspect)
-            if roi is None:
-                roi = full_frame_roi(W, H, aspect)
-            uv, kcov, conf, ms = self.detect(image, roi, uv_kin)
+        aspect = self.input_size[1] / self.input_size[0]
+        roi = kinematic_roi(uv_kin, W, H, cfg.roi_margin, aspect) if uv_kin is not None else None
+        if roi is None:
+            roi = full_frame_roi(W, H, aspect)
+        uv, kcov, conf, ms = self.detect(image, roi, uv_kin)
         timings.update(ms)
 
         t_solve = time.perf_counter()
@@ -351,7 +245,7 @@ class Estimator:
             T_cb = self._pnp_seed(P_base, uv, camera)
             seed_source = "pnp"
         K = len(uv)
-        mask = torch.as_tensor((conf >= cfg.min_confidence) & np.isfinite(uv).all(1))
+        mask = torch.as_tensor(conf >= cfg.min_confidence)
         kin_pose = T_cb @ T_be if T_cb is not None else None
         if T_cb is None:
             sol_msg = "no seed: too few keypoints agree on a camera pose (PnP failed)"

@@ -131,18 +131,15 @@ def gaussian_fit2d(logits: torch.Tensor, weight_temperature: float = 2.0, ridge:
 
 def keypoints_to_image(mean: torch.Tensor, cov: torch.Tensor,
                        affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map heat-map coordinates to image pixels through a 2x3 affine: one, one per
-    image (B, 2, 3), or one per keypoint (B, K, 2, 3) (keypoint patches).
+    """Map heat-map coordinates to image pixels through a 2x3 affine (or (B, 2, 3)).
 
     ``x_image = M x + t``; ``Σ_image = M Σ Mᵀ``.
     """
     affine = affine.to(mean.dtype)
     if affine.dim() == 2:
         affine = affine.unsqueeze(0)
-    if affine.dim() == 3:
-        affine = affine.unsqueeze(1)
-    M = affine[..., :2]  # (B or 1, K or 1, 2, 2)
-    t = affine[..., 2]
+    M = affine[:, None, :, :2]  # (B or 1, 1, 2, 2)
+    t = affine[:, None, :, 2]
     uv = (M @ mean.unsqueeze(-1)).squeeze(-1) + t
     cov_img = M @ cov @ M.transpose(-1, -2)
     return uv, cov_img

@@ -4,12 +4,6 @@ A model file is a ``.safetensors`` file whose tensors are the HeatmapNet
 state dict and whose string metadata carries ``format`` (``pose_estimator.model``),
 ``format_version``, the network config, the robot name and the keypoint
 names, all JSON. Anything else is refused with a clear error.
-
-A keypoint-patch model (``extra["roi"] == "keypoints"``: the network looks at
-one small patch around where kinematics puts each keypoint) may carry a second,
-whole-arm network for frames without a camera seed: its tensors are prefixed
-``coarse.`` and its config and extra metadata are ``coarse_network`` and
-``coarse_extra``.
 """
 
 from __future__ import annotations
@@ -34,8 +28,8 @@ class ModelFormatError(ValueError):
 
 
 def save_model(path: str | os.PathLike, net, robot: str, keypoint_names: list[str],
-               extra: dict[str, Any] | None = None, coarse=None, coarse_extra: dict[str, Any] | None = None) -> Path:
-    """Write ``net`` (and an optional whole-arm ``coarse`` network) atomically (temp file + rename) to ``path``."""
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` atomically (temp file + rename) to ``path``."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -49,10 +43,6 @@ def save_model(path: str | os.PathLike, net, robot: str, keypoint_names: list[st
         "extra": json.dumps(extra or {}),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    if coarse is not None:
-        meta["coarse_network"] = json.dumps(asdict(coarse.config))
-        meta["coarse_extra"] = json.dumps(coarse_extra or {})
-        state.update({"coarse." + k: v.detach().contiguous().cpu() for k, v in coarse.state_dict().items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -62,9 +52,8 @@ def save_model(path: str | os.PathLike, net, robot: str, keypoint_names: list[st
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load a model file; returns ``(HeatmapNet in eval mode, metadata dict)``.
 
-    The metadata dict has ``robot``, ``keypoint_names``, ``extra``, ``network``
-    and ``coarse`` (the whole-arm network of a keypoint-patch model, or None)
-    with ``coarse_extra``.
+    The metadata dict has ``robot``, ``keypoint_names``, ``extra`` (training
+    record, calibration factors, kinematic-prior width) and ``network``.
 
     Raises ``FileNotFoundError`` when missing and :class:`ModelFormatError`
     when truncated, corrupt or not a pose_estimator model.
@@ -95,15 +84,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
             "extra": json.loads(meta.get("extra", "{}")),
             "network": net_cfg,
         }
-        coarse = None
-        if "coarse_network" in meta:
-            coarse = HeatmapNet(HeatmapNetConfig(**json.loads(meta["coarse_network"])))
-            coarse.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("coarse.")}, strict=True)
-            coarse = coarse.to(device).eval()
-        info["coarse"] = coarse
-        info["coarse_extra"] = json.loads(meta.get("coarse_extra", "{}"))
         net = HeatmapNet(net_cfg)
-        net.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("coarse.")}, strict=True)
+        net.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ModelFormatError(f"{path}: model metadata or weights do not match the network ({e})") from e
     return net.to(device).eval(), info
@@ -113,5 +95,4 @@ def update_model_extra(path: str | os.PathLike, **extra: Any) -> Path:
     """Rewrite a model file (atomically) with ``extra`` merged into its metadata."""
     net, info = load_model(path)
     merged = {**info["extra"], **extra}
-    return save_model(path, net, robot=info["robot"], keypoint_names=info["keypoint_names"], extra=merged,
-                      coarse=info["coarse"], coarse_extra=info["coarse_extra"])
+    return save_model(path, net, robot=info["robot"], keypoint_names=info["keypoint_names"], extra=merged)

@@ -93,42 +93,29 @@ class Preprocessor:
     def crop(self, image: np.ndarray, roi: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> (uint8 RGB crop (h, w, 3), affine 2x3 input px -> image px)."""
         image = to_rgb(image)
-        if roi is None:
-            H, W = image.shape[:2]
-            roi = full_frame_roi(W, H, self.input_size[1] / self.input_size[0])
-        crops, affines = self.crop_many(image, [roi])
-        return crops[0], affines[0]
-
-    def crop_many(self, image: np.ndarray, rois: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-        """Several regions of one image -> (uint8 crops (N, h, w, 3), affines (N, 2, 3)).
-
-        The Gaussian pyramid is built once and shared by every region that needs it.
-        """
-        pyramid = [to_rgb(image)]
+        H, W = image.shape[:2]
         h, w = self.input_size
-        crops = np.empty((len(rois), h, w, 3), np.uint8)
-        affines = np.empty((len(rois), 2, 3))
-        for n, roi in enumerate(rois):
-            x0, y0, x1, y1 = (float(v) for v in roi)
-            if not (np.isfinite([x0, y0, x1, y1]).all() and x1 > x0 and y1 > y0):
-                raise ValueError(f"invalid region of interest {roi}")
-            A = roi_affine(roi, self.input_size)
-            level = 0
-            while min(A[0, 0], A[1, 1]) / (2**level) > 2.0 and min(pyramid[level].shape[:2]) >= 8:
-                if len(pyramid) == level + 1:
-                    pyramid.append(cv2.pyrDown(pyramid[level]))
-                level += 1
-            # pyrDown: pixel i of the smaller image is centred on pixel 2i of the larger.
-            M = invert_affine(A / (2**level))  # warpAffine wants src px -> dst px
-            crops[n] = cv2.warpAffine(pyramid[level], M, (w, h), flags=cv2.INTER_LINEAR,
-                                      borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-            affines[n] = A
-        return crops, affines
+        if roi is None:
+            roi = full_frame_roi(W, H, w / h)
+        x0, y0, x1, y1 = (float(v) for v in roi)
+        if not (np.isfinite([x0, y0, x1, y1]).all() and x1 > x0 and y1 > y0):
+            raise ValueError(f"invalid region of interest {roi}")
+        A = roi_affine(roi, self.input_size)
+        src, level = image, 0
+        while min(A[0, 0], A[1, 1]) / (2**level) > 2.0 and min(src.shape[:2]) >= 8:
+            src = cv2.pyrDown(src)
+            level += 1
+        # pyrDown: pixel i of the smaller image is centred on pixel 2i of the larger.
+        A_src = A / (2**level)
+        M = invert_affine(A_src)  # input px <- src px ... warpAffine wants dst <- src
+        crop = cv2.warpAffine(src, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=(0, 0, 0))
+        return crop, A
 
     def normalize(self, crop: np.ndarray) -> torch.Tensor:
-        """uint8 (..., h, w, 3) RGB -> float32 tensor (..., 3, h, w)."""
+        """uint8 (h, w, 3) RGB -> float32 tensor (3, h, w)."""
         x = (crop.astype(np.float32) / 255.0 - MEAN) / STD
-        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
     def __call__(self, image: np.ndarray, roi: Sequence[float] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """-> (tensor (3, h, w), affine 2x3 mapping network-input px to image px)."""

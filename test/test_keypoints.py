@@ -181,27 +181,6 @@ def test_heatmap_net_learns_a_dot():
     assert after < 1.5 and after < before / 3, (before, after)
 
 
-def test_crop_many_matches_crop_and_per_keypoint_affines():
-    rng = np.random.default_rng(3)
-    img = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
-    pre = Preprocessor((32, 32))
-    rois = [(10.0, 20.0, 90.0, 100.0), (300.5, 200.0, 330.5, 230.0), (-20.0, 400.0, 180.0, 600.0)]
-    crops, affines = pre.crop_many(img, rois)
-    for c, A, roi in zip(crops, affines, rois):
-        c1, A1 = pre.crop(img, roi)
-        assert np.array_equal(c, c1) and np.allclose(A, A1)
-    x = pre.normalize(crops)
-    assert x.shape == (3, 3, 32, 32) and torch.allclose(x[1], pre.normalize(crops[1]))
-    # one affine per keypoint: (B, K, 2, 3)
-    mean = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], dtype=torch.float64)
-    cov = torch.eye(2, dtype=torch.float64).expand(1, 2, 2, 2)
-    A = torch.tensor([[[[2.0, 0, 10], [0, 2, 20]], [[3.0, 0, -1], [0, 3, -2]]]], dtype=torch.float64)
-    uv, c = keypoints_to_image(mean, cov, A)
-    assert torch.allclose(uv, torch.tensor([[[12.0, 24.0], [8.0, 10.0]]], dtype=torch.float64))
-    assert torch.allclose(c[0, 0], 4 * torch.eye(2, dtype=torch.float64))
-    assert torch.allclose(c[0, 1], 9 * torch.eye(2, dtype=torch.float64))
-
-
 def test_prior_maps_mark_the_kinematic_keypoints():
     from pose_estimator.keypoints import prior_maps
 

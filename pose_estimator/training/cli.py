@@ -28,10 +28,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-displacement-loss", action="store_true", help="switch off the displacement loss")
     p.add_argument("--init-from", help="start from another run's checkpoint.pt (weights, optimiser, step)")
     p.add_argument("--init-weights", help="start from a model file's weights (same architecture)")
-    p.add_argument("--roi", choices=["arm", "keypoints"],
-                   help="what the network looks at: one crop around the arm, or one patch per keypoint")
-    p.add_argument("--coarse-model", help="keypoint-patch models: a whole-arm model file to embed for frames "
-                                          "without a camera seed")
     p.add_argument("--install", metavar="PATH", help="copy the finished model here (e.g. resource/models/panda.safetensors)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -46,8 +42,8 @@ def _train_config(args: argparse.Namespace):
         data = yaml.safe_load(Path(args.config).read_text()) or {}
     data["data"] = list(args.data)
     data["out"] = args.out
-    for flag in ("robot", "labels", "steps", "batch_size", "lr", "seed", "device", "threads", "init_from", "roi",
-                 "coarse_model", "init_weights"):
+    for flag in ("robot", "labels", "steps", "batch_size", "lr", "seed", "device", "threads", "init_from",
+                 "init_weights"):
         v = getattr(args, flag)
         if v is not None:
             data[flag] = v

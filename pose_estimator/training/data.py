@@ -7,11 +7,9 @@ and then replaced by the whole frame (the estimator's first frame, before it
 knows where the camera is). The same :class:`~pose_estimator.preprocess.Preprocessor`
 produces the network input, so training and run time agree to the pixel.
 
-A keypoint-patch model (``roi='keypoints'``) gets instead one patch per keypoint,
-centred where the measured joints project that keypoint
-(:func:`pose_estimator.estimator.keypoint_patch_rois`, as at run time), each
-jittered in position and size; the kinematic error itself puts the true
-keypoint off centre by what the network must learn to find.
+A network with kinematic-prior inputs also gets one Gaussian map per keypoint
+where the measured joints project it (empty for whole frames: at run time the
+estimator has no prior before it knows where the camera is).
 
 Targets per keypoint come from one of two sources:
 
@@ -35,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..estimator import keypoint_patch_rois, kinematic_roi
+from ..estimator import kinematic_roi
 from ..keypoints import heatmap_to_input_affine, prior_maps
 from ..preprocess import Preprocessor, compose_affine, full_frame_roi
 from ..robot import RobotModel
@@ -57,17 +55,15 @@ class AugmentConfig:
     noise_prob: float = 0.3
     occlusion_prob: float = 0.25
     flip_channels_prob: float = 0.1  # BGR/RGB confusion in the wild
-    patch_shift_std: float = 0.08  # keypoint patches: normal shift, fraction of the patch side
-    patch_scale_log_std: float = 0.1  # keypoint patches: log-normal jitter of the side
     prior_shift_std: float = 1.0  # kinematic-prior maps: normal shift of all of them, input px (extrinsic error)
     prior_drop_prob: float = 0.1  # kinematic-prior maps: left empty (a frame without a camera seed)
 
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # (3, h, w) normalised; keypoint patches: (K, 3, h, w), patch k for keypoint k
-    affine: np.ndarray  # (2, 3) heat-map px -> image px; keypoint patches: (K, 2, 3)
-    kp_hm: np.ndarray  # (K, 2) targets in heat-map px (of keypoint k's own patch) (NaN: none)
+    image: torch.Tensor  # (3 [+ K prior maps], h, w) normalised
+    affine: np.ndarray  # (2, 3) heat-map px -> image px
+    kp_hm: np.ndarray  # (K, 2) targets in heat-map px (NaN: none)
     kp_img: np.ndarray  # (K, 2) targets in image px (NaN: none)
     kp_weight: np.ndarray  # (K,)
     K: np.ndarray
@@ -80,10 +76,6 @@ class Sample:
     pose_weight: float
     seq: int
     frame: int
-    #: keypoint patches: every keypoint's target in every patch (K patches, K keypoints, 2) and its weight
-    #: (0 where it lies outside that patch): each patch teaches every part it shows, not only its own
-    kp_hm_all: np.ndarray | None = None
-    kp_weight_all: np.ndarray | None = None
 
 
 def collate(samples: list[Sample]) -> dict:
@@ -95,8 +87,6 @@ def collate(samples: list[Sample]) -> dict:
         "ee_kin": f("ee_in_camera_kin"), "camera_from_base": f("camera_from_base"), "pose_weight": torch.tensor([s.pose_weight for s in samples],
                                                                       dtype=torch.float64),
         "size": [s.size for s in samples], "seq": [s.seq for s in samples], "frame": [s.frame for s in samples],
-        **({"kp_hm_all": f("kp_hm_all"), "kp_weight_all": f("kp_weight_all")}
-           if samples[0].kp_hm_all is not None else {}),
     }
 
 
@@ -128,18 +118,11 @@ class TrainingData:
     """Index and sampler over one or more generated datasets."""
 
     def __init__(self, roots: list[str | Path], robot: RobotModel, input_size: tuple[int, int], stride: int,
-                 labels: str = "truth", augment: AugmentConfig | None = None, roi: str = "arm",
-                 patch_fraction: float = 0.24, prior_sigma: float = 0.0):
+                 labels: str = "truth", augment: AugmentConfig | None = None, prior_sigma: float = 0.0):
         if labels not in ("truth", "labels"):
             raise ValueError(f"labels must be 'truth' or 'labels', got {labels!r}")
-        if roi not in ("arm", "keypoints"):
-            raise ValueError(f"roi must be 'arm' or 'keypoints', got {roi!r}")
-        self.roi = roi
-        self.patch_fraction = patch_fraction
         #: > 0: whole-arm inputs carry the kinematic prior, one map per keypoint of this width (input px)
         self.prior_sigma = prior_sigma
-        if prior_sigma > 0 and roi != "arm":
-            raise ValueError("kinematic-prior maps are for whole-arm crops (roi='arm')")
         self.datasets = [SyntheticDataset(r) for r in roots]
         self.robot = robot
         self.labels = labels
@@ -209,7 +192,7 @@ class TrainingData:
         return uv
 
     def _arm_crop(self, f, P_base: np.ndarray, rng: np.random.Generator, augment: bool):
-        """One crop around the arm -> (input (3, h, w), heat-map px -> image px affine (2, 3))."""
+        """One crop around the arm -> (input (3 [+ K], h, w), heat-map px -> image px affine (2, 3))."""
         W, H = f.width, f.height
         h, w = self.input_size
         aspect = w / h
@@ -240,28 +223,7 @@ class TrainingData:
                     uv_in = uv_in + rng.normal(0, self.aug.prior_shift_std, 2)
             x = torch.cat([x, prior_maps(uv_in, self.input_size, self.prior_sigma)])
         A = compose_affine(A_in, self.A_hm)  # heat-map px -> image px
-        return x, A, np.ones(self.robot.num_keypoints, bool)
-
-    def _patches(self, f, P_base: np.ndarray, rng: np.random.Generator, augment: bool):
-        """One patch per keypoint -> (inputs (K, 3, h, w), affines (K, 2, 3), usable (K,)); unusable ones are black."""
-        W, H = f.width, f.height
-        uv = self._kinematic_uv(f, P_base)
-        rois, _ = keypoint_patch_rois(uv, W, H, self.patch_fraction)
-        ok = np.isfinite(rois).all(1)
-        # Keypoints without a patch get a blank one (and no weight): the batch keeps its shape.
-        rois[~ok] = rois[ok][0] if ok.any() else (0.0, 0.0, 16.0, 16.0)
-        if augment:
-            c = (rois[:, :2] + rois[:, 2:]) / 2
-            half = (rois[:, 2:3] - rois[:, 0:1]) / 2 * np.exp(rng.normal(0, self.aug.patch_scale_log_std, (len(c), 1)))
-            c = c + rng.normal(0, self.aug.patch_shift_std, c.shape) * 2 * half
-            rois = np.concatenate([c - half, c + half], 1)
-        crops, A_in = self.pre.crop_many(f.image, rois)
-        if augment:
-            crops = np.stack([_augment(c, rng, self.aug) for c in crops])
-        crops[~ok] = 0
-        x = self.pre.normalize(crops)
-        A = np.stack([compose_affine(a, self.A_hm) for a in A_in])
-        return x, A, ok
+        return x, A
 
     def load(self, j: int, rng: np.random.Generator, augment: bool = True) -> Sample:
         d, s, i, lab = self.index[j]
@@ -275,10 +237,7 @@ class TrainingData:
         ee_kin = T_cb @ T_be
         W, H = f.width, f.height
         h, w = self.input_size
-        if self.roi == "keypoints":
-            x, A, usable = self._patches(f, P_base, rng, augment)
-        else:
-            x, A, usable = self._arm_crop(f, P_base, rng, augment)
+        x, A = self._arm_crop(f, P_base, rng, augment)
 
         if lab is None:
             kp_img = f.keypoints_2d.copy()
@@ -299,19 +258,11 @@ class TrainingData:
             sigma_mm = float(np.sqrt(np.trace(cov[:3, :3]) / 3)) * 1e3
             pose_weight = float(1.0 / (1.0 + (sigma_mm / 2.0) ** 2))
             weight *= pose_weight
-        if A.ndim == 3:  # keypoint k in its own patch
-            kp_hm = np.einsum("kij,kj->ki", np.linalg.inv(A[:, :, :2]), kp_img - A[:, :, 2])
-        else:
-            kp_hm = (kp_img - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
+        kp_hm = (kp_img - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
         hh, hw = h // self.stride, w // self.stride
-        inside = lambda p: (p[..., 0] > -0.5) & (p[..., 0] < hw - 0.5) & (p[..., 1] > -0.5) & (p[..., 1] < hh - 0.5)
-        hm_all = w_all = None
-        if A.ndim == 3:
-            hm_all = np.einsum("kij,lj->kli", np.linalg.inv(A[:, :, :2]), kp_img) - np.einsum(
-                "kij,kj->ki", np.linalg.inv(A[:, :, :2]), A[:, :, 2])[:, None]
-            w_all = np.where(inside(hm_all) & usable[:, None], weight[None], 0.0)
-        weight = np.where(inside(kp_hm) & usable, weight, 0.0)
+        inside = (kp_hm[:, 0] > -0.5) & (kp_hm[:, 0] < hw - 0.5) & (kp_hm[:, 1] > -0.5) & (kp_hm[:, 1] < hh - 0.5)
+        weight = np.where(inside, weight, 0.0)
         return Sample(image=x, affine=A, kp_hm=kp_hm, kp_img=kp_img, kp_weight=weight, K=f.K, dist=f.dist,
                       size=(W, H), joints=q, ee_pose=ee_target, ee_in_camera_kin=ee_kin,
                       camera_from_base=T_cb if lab is None else ee_target @ np.linalg.inv(T_be), pose_weight=pose_weight,
-                      seq=self._seq_number[(d, s)], frame=i, kp_hm_all=hm_all, kp_weight_all=w_all)
+                      seq=self._seq_number[(d, s)], frame=i)

@@ -21,7 +21,7 @@ from ..geometry import CameraModel, undistort_points
 from ..keypoints import gaussian_targets, keypoints_to_image, soft_argmax2d
 from ..solver import SolverConfig, solve
 
-__all__ = ["heatmap_loss", "keypoint_nll", "pose_losses", "pose_error", "network_logits"]
+__all__ = ["heatmap_loss", "keypoint_nll", "pose_losses", "pose_error"]
 
 
 def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -129,23 +129,6 @@ def pose_losses(mean_hm: torch.Tensor, cov_hm: torch.Tensor, batch: dict, robot,
             loss_disp = _wmean(perd, okp.double())
             stats["disp_err_mm"] = float(et.detach()[okp].median() * 1e3)
     return loss_pose, loss_disp, stats
-
-
-def network_logits(model: torch.nn.Module, images: torch.Tensor, every_channel: bool = False):
-    """Heat-map logits (B, K, h, w) for whole-arm crops (B, 3, H, W) or keypoint patches (B, K, 3, H, W).
-
-    Patch k of a frame is read for keypoint k only: its answer is channel k. With
-    ``every_channel`` also returns the raw output (B·K patches, K, h, w) of patches
-    (for arm crops, the same tensor twice).
-    """
-    if images.dim() == 4:
-        logits = model(images)
-        return (logits, logits) if every_channel else logits
-    B, K = images.shape[:2]
-    every = model(images.flatten(0, 1))
-    k = torch.arange(K, device=every.device)
-    logits = every.view(B, K, *every.shape[1:])[:, k, k]
-    return (logits, every) if every_channel else logits
 
 
 def soft_argmax_outputs(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

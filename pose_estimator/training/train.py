@@ -35,7 +35,7 @@ from ..network import HeatmapNet, HeatmapNetConfig
 from ..robot import RobotModel
 from ..solver import SolverConfig
 from .data import AugmentConfig, TrainingData, collate
-from .losses import heatmap_loss, keypoint_nll, network_logits, pose_losses, soft_argmax_outputs
+from .losses import heatmap_loss, keypoint_nll, pose_losses, soft_argmax_outputs
 
 __all__ = ["LossWeights", "TrainConfig", "train", "load_checkpoint"]
 
@@ -77,17 +77,10 @@ class TrainConfig:
     #: start a new run from another run's checkpoint (weights, optimiser, step), e.g. for ablations
     #: that share a first phase; ignored when this run has a checkpoint of its own
     init_from: str = ""
-    #: start a new run's network from a model file's weights (same architecture; e.g. a keypoint-patch
-    #: model from a whole-arm one); optimiser and step start afresh; ignored on resume
+    #: start a new run's network from a model file's weights (the same architecture, or an RGB-only one
+    #: for a network with prior inputs); optimiser and step start afresh; ignored on resume
     init_weights: str = ""
-    #: what the network looks at: 'arm' (one crop around the whole arm) or 'keypoints' (one patch
-    #: around where kinematics puts each keypoint, side = patch_fraction x the arm's extent in the image)
-    roi: str = "arm"
-    patch_fraction: float = 0.24
-    #: a keypoint-patch model: a whole-arm model file to embed as its coarse network (for frames
-    #: without a camera seed); empty: none
-    coarse_model: str = ""
-    #: whole-arm models: > 0 gives the network the kinematic prior as input, one Gaussian map per
+    #: > 0 gives the network the kinematic prior as input, one Gaussian map per
     #: keypoint of this width (input px) where the measured joints project it; 0: RGB only
     prior_sigma: float = 0.0
     network: HeatmapNetConfig = field(default_factory=HeatmapNetConfig)
@@ -97,10 +90,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 2 or self.batch_size % 2:
             raise ValueError("batch_size must be even and >= 2 (frames come in pairs for the displacement loss)")
-        if self.roi not in ("arm", "keypoints"):
-            raise ValueError(f"roi must be 'arm' or 'keypoints', got {self.roi!r}")
-        if self.coarse_model and self.roi != "keypoints":
-            raise ValueError("coarse_model is for keypoint-patch models (roi: keypoints)")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -147,15 +136,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     net_cfg = dataclasses.replace(cfg.network, num_keypoints=robot.num_keypoints,
                                   prior_channels=robot.num_keypoints if cfg.prior_sigma > 0 else 0)
     data = TrainingData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, labels=cfg.labels, augment=cfg.augment,
-                        roi=cfg.roi, patch_fraction=cfg.patch_fraction, prior_sigma=cfg.prior_sigma)
-    coarse = None
-    if cfg.coarse_model and rank == 0:  # read it now: a bad file must not wait for the end of training
-        from ..model_io import load_model
-
-        coarse = load_model(cfg.coarse_model)
-        if coarse[0].config.num_keypoints != robot.num_keypoints or coarse[1]["extra"].get("roi", "arm") != "arm":
-            raise ValueError(f"coarse_model {cfg.coarse_model} is not a whole-arm model of {robot.num_keypoints} "
-                             "keypoints")
+                        prior_sigma=cfg.prior_sigma)
     net = HeatmapNet(net_cfg).to(device)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
@@ -266,23 +247,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
             g["lr"] = _lr_at(cfg, step)
         x = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            logits, every = network_logits(model, x, every_channel=True)
-        if device.type != "cpu":
-            logits, every = logits.float().cpu(), every.float().cpu()
+            logits = model(x)
+        logits = logits.float().cpu() if device.type != "cpu" else logits
         w = batch["kp_weight"]
         lw = cfg.losses
         terms: dict[str, torch.Tensor] = {}
-        # Keypoint patches teach every keypoint they show (each channel, wherever it lies in the patch);
-        # the estimator reads keypoint k from channel k of its own patch.
-        sup_logits, sup_hm, sup_w = logits, batch["kp_hm"], w
-        if "kp_hm_all" in batch:
-            sup_logits, sup_hm, sup_w = every, batch["kp_hm_all"].flatten(0, 1), batch["kp_weight_all"].flatten(0, 1)
         if lw.heatmap > 0:
-            terms["heatmap"] = heatmap_loss(sup_logits, sup_hm.float(), sup_w.float(), cfg.heatmap_sigma)
+            terms["heatmap"] = heatmap_loss(logits, batch["kp_hm"].float(), w.float(), cfg.heatmap_sigma)
         mean, cov = soft_argmax_outputs(logits, cfg.temperature)
         if lw.keypoint_nll > 0:
-            m_all, c_all = (mean, cov) if sup_logits is logits else soft_argmax_outputs(sup_logits, cfg.temperature)
-            terms["keypoint_nll"] = keypoint_nll(m_all, c_all, sup_hm, sup_w)
+            terms["keypoint_nll"] = keypoint_nll(mean, cov, batch["kp_hm"], w)
         stats: dict = {}
         if (lw.pose > 0 or lw.displacement > 0) and step >= cfg.pose_start_step:
             lp, ld, stats = pose_losses(mean, cov, batch, robot, solver_cfg, mode=cfg.pose_loss_mode,
@@ -342,14 +316,11 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     pool.shutdown(wait=False, cancel_futures=True)
     loaders.shutdown(wait=False, cancel_futures=True)
     if rank == 0:
-        extra = {"train_config": json.loads(cfg_json), "steps": cfg.steps, "roi": cfg.roi}
+        extra = {"train_config": json.loads(cfg_json), "steps": cfg.steps}
         if cfg.prior_sigma > 0:
             extra["prior_sigma"] = cfg.prior_sigma
-        if cfg.roi == "keypoints":
-            extra["patch_fraction"] = cfg.patch_fraction
         save_model(out / "model.safetensors", net.cpu(), robot=cfg.robot if "/" not in cfg.robot else "",
-                   keypoint_names=robot.keypoint_names, extra=extra,
-                   coarse=coarse[0] if coarse else None, coarse_extra=coarse[1]["extra"] if coarse else None)
+                   keypoint_names=robot.keypoint_names, extra=extra)
         if writer is not None:
             writer.close()
     if world > 1:
