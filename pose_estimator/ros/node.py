@@ -114,6 +114,9 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
                         (0.05, 60.0)),
     "joint_max_age_s": (0.1, "Joint states farther than this from the image stamp are stale: the joint prior "
                              "is widened, the covariance inflated, diagnostics warn.", True, (0.0, 60.0)),
+    "joint_wait_s": (0.1, "How long a frame may wait for the first joint state stamped after it, so the joints "
+                          "are interpolated at the image stamp rather than held from before it (0: never wait).",
+                     False, (0.0, 10.0)),
     "time_jump_s": (0.25, "A stamp this much older than the previous one means time went backwards (bag "
                           "loop): buffers and tracking are reset.", True, (0.0, 3600.0)),
     "stale_joint_sigma_scale": (10.0, "Factor on the joint prior sigma when joint states are stale.", False,
@@ -428,6 +431,7 @@ class PoseEstimatorNode(Node):
             try:
                 jumped = history.add(stamp, msg.name, msg.position)
                 self._last_joint_error = ""
+                self._cv.notify_all()  # a frame may be waiting for this sample
             except ValueError as e:
                 self.counters.bad_joint_states += 1
                 self._last_joint_error = f"joint_states rejected: {e}"
@@ -578,7 +582,15 @@ class PoseEstimatorNode(Node):
             frame_id = "camera_optical_frame"
             self._log("frame_id", "warning", "image and camera_info have no frame_id and camera_frame is not set; "
                                              f"publishing in '{frame_id}'")
-        with self._lock:
+        with self._cv:
+            # Wait (briefly, and letting the executor run) for a joint state stamped after the image.
+            deadline = time.monotonic() + float(self._p("joint_wait_s"))
+            while (history is not None and history.newest_stamp_ns is not None
+                   and history.newest_stamp_ns < stamp_ns and not self._stop):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
             lookup = history.lookup(stamp_ns) if history is not None else None
             joint_error = self._last_joint_error
         if lookup is None:
