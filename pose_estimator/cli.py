@@ -55,6 +55,8 @@ _EXTERNAL = [
      "plot one sequence's true, kinematic and labelled end-effector position"),
     ("train", "pose_estimator.training.cli", "add_train_arguments", "cli_train",
      "train HeatmapNet end to end on a labelled dataset (resumable)"),
+    ("pack", "pose_estimator.training.cli", "add_pack_arguments", "cli_pack",
+     "pack datasets' arm regions into a small file for training elsewhere (a GPU machine)"),
     ("evaluate", "pose_estimator.training.cli", "add_evaluate_arguments", "cli_evaluate",
      "run the full estimator on a held-out dataset and report accuracy"),
     ("calibrate", "pose_estimator.training.cli", "add_calibrate_arguments", "cli_calibrate",

@@ -20,9 +20,19 @@ from .config import (BoardSpec, CameraConfig, GeneratorConfig, JointErrorModel, 
                      config_from_dict, config_to_dict)
 from .contact_sheet import draw_frame, make_contact_sheet
 from .dataset import FORMAT_VERSION, SyntheticDataset, SyntheticFrame, SyntheticSequence
-from .generate import generate_dataset, generate_sequence
 from .joint_errors import JointErrors, apply_joint_errors, play_operator, sample_joint_errors
 from .trajectory import Trajectory, sample_trajectory
+
+
+def __getattr__(name: str):
+    # The renderer (pybullet) loads only when something renders: reading datasets, training and
+    # evaluation import this package on machines without it (a lent GPU's Python, say).
+    if name in ("generate_dataset", "generate_sequence"):
+        from . import generate
+
+        return getattr(generate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_VERSION",

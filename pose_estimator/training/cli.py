@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["add_train_arguments", "cli_train", "add_evaluate_arguments", "cli_evaluate",
+__all__ = ["add_train_arguments", "cli_train", "add_pack_arguments", "cli_pack", "add_evaluate_arguments", "cli_evaluate",
            "add_calibrate_arguments", "cli_calibrate"]
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True, help="dataset folder(s) written by `pose-estimator generate`")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="dataset folder(s) written by `pose-estimator generate`, or packs (`pose-estimator pack`)")
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, model (re-running resumes)")
     p.add_argument("--config", help="YAML with TrainConfig fields (network, losses, augment, ...)")
     p.add_argument("--robot", help="robot definition name or keypoint YAML (default panda)")
@@ -24,6 +25,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--time-limit", type=float, dest="time_limit_s", metavar="SECONDS",
+                   help="stop after this long (checkpoint and model written; re-running resumes)")
     p.add_argument("--no-pose-loss", action="store_true", help="switch off the loss through the solver")
     p.add_argument("--no-displacement-loss", action="store_true", help="switch off the displacement loss")
     p.add_argument("--init-from", help="start from another run's checkpoint.pt (weights, optimiser, step)")
@@ -43,7 +46,7 @@ def _train_config(args: argparse.Namespace):
     data["data"] = list(args.data)
     data["out"] = args.out
     for flag in ("robot", "labels", "steps", "batch_size", "lr", "seed", "device", "threads", "init_from",
-                 "init_weights"):
+                 "init_weights", "time_limit_s"):
         v = getattr(args, flag)
         if v is not None:
             data[flag] = v
@@ -67,6 +70,38 @@ def cli_train(args: argparse.Namespace) -> int:
         shutil.copyfile(model, args.install)
         print(f"installed {model} -> {args.install}")
     print(json.dumps({"model": str(model), **{k: v for k, v in row.items()}}))
+    return 0
+
+
+def add_pack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, help="dataset folder(s) written by `pose-estimator generate`")
+    p.add_argument("--out", required=True, help="pack folder (pack.npz, pack.json); rewritten")
+    p.add_argument("--robot", default="panda", help="robot definition name or keypoint YAML (default panda)")
+    p.add_argument("--size", type=int, default=192, help="arm region size, px (default 192)")
+    p.add_argument("--context", type=float, default=1.5,
+                   help="arm region: the estimator's region of interest times this, room for crop jitter (default 1.5)")
+    p.add_argument("--full-size", type=int, default=128, help="whole-frame image size, px (default 128)")
+    p.add_argument("--format", choices=["webp", "jpg"], default="webp", help="image format (default webp)")
+    p.add_argument("--quality", type=int, default=90, help="arm regions' image quality (default 90)")
+    p.add_argument("--full-quality", type=int, default=75, help="whole frames' image quality (default 75)")
+    p.add_argument("--roi-margin", type=float, default=0.25, help="the region's margin (augment.roi_margin, default 0.25)")
+    p.add_argument("--frame-step", type=int, default=1, help="keep every n-th frame of each sequence (default 1)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print the pack's description as one JSON object")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cli_pack(args: argparse.Namespace) -> int:
+    from ..robot import RobotModel
+    from .packed import pack_datasets
+
+    meta = pack_datasets(args.data, RobotModel.from_yaml(args.robot), args.out, size=args.size, context=args.context,
+                         full_size=args.full_size, quality=args.quality, full_quality=args.full_quality,
+                         image_format=args.format, roi_margin=args.roi_margin, frame_step=args.frame_step,
+                         workers=args.workers, progress=not args.no_progress)
+    print(json.dumps(meta) if args.json else
+          f"packed {meta['frames']} frames ({meta['sequences']} sequences) into {args.out}: "
+          f"{meta['bytes'] / 2**20:.1f} MiB")
     return 0
 
 

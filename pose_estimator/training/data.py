@@ -39,7 +39,7 @@ from ..preprocess import Preprocessor, compose_affine, full_frame_roi
 from ..robot import RobotModel
 from ..sim.dataset import SyntheticDataset, pose7_to_matrix
 
-__all__ = ["AugmentConfig", "TrainingData", "Sample", "collate"]
+__all__ = ["AugmentConfig", "TrainingData", "Sample", "collate", "sample_pairs"]
 
 
 @dataclass
@@ -88,6 +88,21 @@ def collate(samples: list[Sample]) -> dict:
                                                                       dtype=torch.float64),
         "size": [s.size for s in samples], "seq": [s.seq for s in samples], "frame": [s.frame for s in samples],
     }
+
+
+def sample_pairs(by_seq: dict, rng: np.random.Generator, n_pairs: int, max_gap: int = 8) -> list[int]:
+    """``n_pairs`` pairs of sample indices (consecutive entries), each two frames of one sequence
+    (``by_seq``: sequence -> its sample indices in frame order), a sequence drawn uniformly."""
+    out: list[int] = []
+    keys = list(by_seq)
+    for _ in range(n_pairs):
+        members = by_seq[keys[int(rng.integers(len(keys)))]]
+        a = int(rng.integers(len(members)))
+        step = int(rng.integers(1, max_gap + 1)) * (1 if rng.random() < 0.5 else -1)
+        b = a + step if 0 <= a + step < len(members) else a - step  # never the same frame twice
+        b = int(np.clip(b, 0, len(members) - 1))
+        out += [members[a], members[b]]
+    return out
 
 
 def _augment(crop: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
@@ -173,16 +188,7 @@ class TrainingData:
 
     def sample_pairs(self, rng: np.random.Generator, n_pairs: int, max_gap: int = 8) -> list[int]:
         """Indices of ``n_pairs`` pairs (consecutive entries), each two frames of one sequence."""
-        out: list[int] = []
-        keys = list(self._by_seq)
-        for _ in range(n_pairs):
-            members = self._by_seq[keys[int(rng.integers(len(keys)))]]
-            a = int(rng.integers(len(members)))
-            step = int(rng.integers(1, max_gap + 1)) * (1 if rng.random() < 0.5 else -1)
-            b = a + step if 0 <= a + step < len(members) else a - step  # never the same frame twice
-            b = int(np.clip(b, 0, len(members) - 1))
-            out += [members[a], members[b]]
-        return out
+        return sample_pairs(self._by_seq, rng, n_pairs, max_gap)
 
     def _kinematic_uv(self, f, P_base: np.ndarray) -> np.ndarray:
         T_cb = f.T_camera_base

@@ -36,6 +36,7 @@ from ..robot import RobotModel
 from ..solver import SolverConfig
 from .data import AugmentConfig, TrainingData, collate
 from .losses import heatmap_loss, keypoint_nll, pose_losses, soft_argmax_outputs
+from .packed import PackedData, is_pack
 
 __all__ = ["LossWeights", "TrainConfig", "train", "load_checkpoint"]
 
@@ -67,6 +68,9 @@ class TrainConfig:
     #: solver mode of the pose and displacement losses ('articulated' as the estimator runs, or 'rigid')
     pose_loss_mode: str = "articulated"
     checkpoint_every: int = 100
+    #: > 0: stop after this many seconds of training (checkpoint and model written; re-running resumes),
+    #: for a machine lent for a fixed time
+    time_limit_s: float = 0.0
     #: also keep the checkpoint of these steps (RUN/checkpoint_step<N>.pt), e.g. where ablations branch off
     keep_checkpoints: list[int] = field(default_factory=list)
     log_every: int = 10
@@ -90,6 +94,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 2 or self.batch_size % 2:
             raise ValueError("batch_size must be even and >= 2 (frames come in pairs for the displacement loss)")
+
+
+class _Done:
+    """A finished future (a batch made in the training thread)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -135,8 +149,18 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     robot = RobotModel.from_yaml(cfg.robot)
     net_cfg = dataclasses.replace(cfg.network, num_keypoints=robot.num_keypoints,
                                   prior_channels=robot.num_keypoints if cfg.prior_sigma > 0 else 0)
-    data = TrainingData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, labels=cfg.labels, augment=cfg.augment,
-                        prior_sigma=cfg.prior_sigma)
+    packs = [is_pack(r) for r in cfg.data]
+    if any(packs) and not all(packs):
+        raise ValueError("data: packs (`pose-estimator pack` output) and datasets cannot be mixed; pack them all")
+    packed = bool(packs) and all(packs)
+    if packed:
+        if cfg.labels != "truth":
+            raise ValueError("packed data holds the simulator's keypoints only: use labels 'truth'")
+        data = PackedData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, augment=cfg.augment,
+                          prior_sigma=cfg.prior_sigma, device=device, workers=max(1, cfg.loader_threads))
+    else:
+        data = TrainingData(cfg.data, robot, net_cfg.input_size, net_cfg.stride, labels=cfg.labels,
+                            augment=cfg.augment, prior_sigma=cfg.prior_sigma)
     net = HeatmapNet(net_cfg).to(device)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
@@ -153,7 +177,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         saved = json.loads(ck["config"])
         mine = json.loads(cfg_json)
         # Only the length of the run may change on resume.
-        for k in ("steps", "init_from", "init_weights", "keep_checkpoints"):
+        for k in ("steps", "init_from", "init_weights", "keep_checkpoints", "time_limit_s"):
             saved.pop(k, None)
             mine.pop(k, None)
         if saved != mine:
@@ -226,6 +250,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         rng = np.random.default_rng((cfg.seed, step))
         idx = data.sample_pairs(rng, cfg.batch_size // 2)
         idx = idx[rank::world] if world > 1 else idx
+        if packed:
+            return data.batch(idx, rng)
         seeds = rng.integers(0, 2**63 - 1, size=len(idx))
         samples = list(loaders.map(lambda a: data.load(a[0], np.random.default_rng(a[1])), zip(idx, seeds)))
         return collate(samples)
@@ -235,37 +261,41 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
-    pending = pool.submit(make_batch, start) if start < cfg.steps else None
+    # Packed data is sampled on the training device, in this thread (the device queues the work).
+    submit = (lambda st: _Done(make_batch(st))) if packed else (lambda st: pool.submit(make_batch, st))
+    pending = submit(start) if start < cfg.steps else None
     row: dict = {}
     skipped = 0
-    t_last = time.perf_counter()
+    t_last = t_start = time.perf_counter()
     model.train()
     for step in range(start, cfg.steps):
         batch = pending.result()
-        pending = pool.submit(make_batch, step + 1) if step + 1 < cfg.steps else None
+        pending = submit(step + 1) if step + 1 < cfg.steps else None
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         x = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits = model(x)
-        logits = logits.float().cpu() if device.type != "cpu" else logits
+        logits = logits.float()
+        # Heat-map losses where the network runs; the solver (float64, per-sample cameras) on the CPU.
         w = batch["kp_weight"]
+        w_dev, kp_dev = w.to(device), batch["kp_hm"].to(device)
         lw = cfg.losses
         terms: dict[str, torch.Tensor] = {}
         if lw.heatmap > 0:
-            terms["heatmap"] = heatmap_loss(logits, batch["kp_hm"].float(), w.float(), cfg.heatmap_sigma)
+            terms["heatmap"] = heatmap_loss(logits, kp_dev.float(), w_dev.float(), cfg.heatmap_sigma)
         mean, cov = soft_argmax_outputs(logits, cfg.temperature)
         if lw.keypoint_nll > 0:
-            terms["keypoint_nll"] = keypoint_nll(mean, cov, batch["kp_hm"], w)
+            terms["keypoint_nll"] = keypoint_nll(mean, cov, kp_dev, w_dev)
         stats: dict = {}
         if (lw.pose > 0 or lw.displacement > 0) and step >= cfg.pose_start_step:
-            lp, ld, stats = pose_losses(mean, cov, batch, robot, solver_cfg, mode=cfg.pose_loss_mode,
+            lp, ld, stats = pose_losses(mean.cpu(), cov.cpu(), batch, robot, solver_cfg, mode=cfg.pose_loss_mode,
                                         with_displacement=lw.displacement > 0)
             if lw.pose > 0:
                 terms["pose"] = lp
             if lw.displacement > 0:
                 terms["displacement"] = ld
-        loss = sum(getattr(lw, k) * v.to(torch.float64) for k, v in terms.items())
+        loss = sum(getattr(lw, k) * v.to(device, torch.float64) for k, v in terms.items())
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -283,7 +313,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             with torch.no_grad():
                 valid = w > 0
-                err = (torch.nan_to_num(mean - batch["kp_hm"]).norm(dim=-1) * cfg.network.stride)[valid]
+                err = (torch.nan_to_num(mean.cpu() - batch["kp_hm"]).norm(dim=-1) * cfg.network.stride)[valid]
             now = time.perf_counter()
             row = {"step": done, "lr": opt.param_groups[0]["lr"], "loss": float(loss.detach()),
                    **{k: float(terms[k].detach()) if k in terms else float("nan")
@@ -303,7 +333,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", kp_px=f"{row['kp_err_px']:.2f}")
         if bar is not None:
             bar.update(1)
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        out_of_time = cfg.time_limit_s > 0 and time.perf_counter() - t_start > cfg.time_limit_s
+        if world > 1 and cfg.time_limit_s > 0:  # every process stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time):
             ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": done, "config": cfg_json}
             if use_amp:
                 ck["scaler"] = scaler.state_dict()
@@ -311,12 +346,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         if rank == 0 and done in cfg.keep_checkpoints:
             ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": done, "config": cfg_json}
             _atomic_torch_save(ck, out / f"checkpoint_step{done}.pt")
+        if out_of_time:
+            if rank == 0:
+                log(f"time limit {cfg.time_limit_s:g} s reached at step {done}/{cfg.steps}; re-run to resume")
+            break
     if bar is not None:
         bar.close()
     pool.shutdown(wait=False, cancel_futures=True)
     loaders.shutdown(wait=False, cancel_futures=True)
     if rank == 0:
-        extra = {"train_config": json.loads(cfg_json), "steps": cfg.steps}
+        extra = {"train_config": json.loads(cfg_json), "steps": done if start < cfg.steps else cfg.steps}
         if cfg.prior_sigma > 0:
             extra["prior_sigma"] = cfg.prior_sigma
         save_model(out / "model.safetensors", net.cpu(), robot=cfg.robot if "/" not in cfg.robot else "",

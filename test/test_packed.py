@@ -1,0 +1,112 @@
+"""Packed training data: a pack gives the network the same crops and targets as the full dataset, draws
+deterministic augmented batches, trains and resumes, and a run stops at its time limit with a model."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pose_estimator.network import HeatmapNetConfig
+from pose_estimator.robot import RobotModel
+from pose_estimator.training import TrainConfig, TrainingData, load_checkpoint, train
+from pose_estimator.training.packed import PackedData, is_pack, pack_datasets
+
+NET = dict(input_size=(64, 64), base_width=8, depth=2, stride=2)
+
+
+@pytest.fixture(scope="module")
+def robot():
+    return RobotModel.from_yaml("panda")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from pose_estimator.sim import GeneratorConfig, generate_dataset
+
+    out = tmp_path_factory.mktemp("pack_data") / "ds"
+    generate_dataset(GeneratorConfig(sequences=2, frames_per_sequence=4, seed=5, width=320, height=256), out,
+                     workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pack(dataset, robot, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pack") / "p"
+    # lossless-looking JPEG so that only the second resampling separates the two paths
+    meta = pack_datasets([dataset], robot, out, size=96, context=1.5, full_size=64, quality=100, full_quality=100,
+                         image_format="jpg", workers=1, progress=False)
+    return out, meta
+
+
+def test_pack_describes_itself_and_holds_plain_arrays(pack, robot):
+    out, meta = pack
+    assert is_pack(out)
+    assert json.loads((out / "pack.json").read_text()) == meta
+    assert meta["frames"] == 8 and meta["sequences"] == 2 and meta["keypoint_names"] == robot.keypoint_names
+    with np.load(out / "pack.npz", allow_pickle=False) as z:  # no object arrays: loading runs no code
+        assert z["kp_img"].shape == (8, robot.num_keypoints, 2)
+        assert z["arm_offsets"][-1] == z["arm"].size
+
+
+def test_packed_batch_matches_the_dataset_crop(dataset, pack, robot):
+    td = TrainingData([dataset], robot, (64, 64), 2)
+    pd = PackedData([pack[0]], robot, (64, 64), 2)
+    rng = np.random.default_rng(0)
+    for j in range(len(td)):
+        s = td.load(j, rng, augment=False)
+        b = pd.batch([j], rng, augment=False)
+        np.testing.assert_allclose(b["affine"][0].numpy(), s.affine, atol=1e-9)
+        np.testing.assert_allclose(b["kp_hm"][0].numpy(), s.kp_hm, atol=1e-9)
+        np.testing.assert_array_equal(b["kp_weight"][0].numpy(), s.kp_weight)
+        np.testing.assert_allclose(b["ee_pose"][0].numpy(), s.ee_pose)
+        np.testing.assert_allclose(b["joints"][0].numpy(), s.joints)
+        # one more bilinear resampling: a little blur, no shift
+        a, c = (v.numpy().mean(0).astype(np.float64) for v in (s.image, b["image"][0]))
+        (dx, dy), _ = cv2.phaseCorrelate(a, c, cv2.createHanningWindow(a.shape[::-1], cv2.CV_64F))
+        assert abs(dx) < 0.2 and abs(dy) < 0.2, (j, dx, dy)
+        assert np.abs(a - c).mean() * 0.25 * 255 < 10.0
+
+
+def test_packed_batches_are_deterministic_and_augmented(pack, robot):
+    pd = PackedData([pack[0]], robot, (64, 64), 2)
+    draw = lambda seed: pd.batch(pd.sample_pairs(np.random.default_rng(seed), 8), np.random.default_rng(seed))
+    a, b, c = draw(1), draw(1), draw(2)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["kp_hm"], b["kp_hm"])
+    assert not torch.equal(a["image"], c["image"])
+    assert a["image"].shape == (16, 3, 64, 64) and a["kp_hm"].shape == (16, robot.num_keypoints, 2)
+    # pairs: two frames of one sequence each
+    assert all(a["seq"][2 * i] == a["seq"][2 * i + 1] for i in range(8))
+    assert (a["kp_weight"] > 0).sum() > 16 * 4
+
+
+def test_packs_and_datasets_do_not_mix(dataset, pack, tmp_path):
+    cfg = TrainConfig(data=[str(dataset), str(pack[0])], out=str(tmp_path / "r"), steps=1, batch_size=2,
+                      network=HeatmapNetConfig(**NET))
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        train(cfg, progress=False)
+
+
+def test_training_from_a_pack_resumes_exactly_and_stops_at_its_time_limit(pack, tmp_path):
+    common = dict(data=[str(pack[0])], batch_size=4, pose_start_step=2, checkpoint_every=2, log_every=1,
+                  warmup_steps=2, seed=1, network=HeatmapNetConfig(**NET))
+    train(TrainConfig(out=str(tmp_path / "full"), steps=4, **common), progress=False)
+    train(TrainConfig(out=str(tmp_path / "part"), steps=2, **common), progress=False)
+    train(TrainConfig(out=str(tmp_path / "part"), steps=4, **common), progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    # the solver losses ran from step 2 on packed batches
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "full" / "metrics.csv")))
+    assert float(rows[-1]["pose_ok"]) >= 0
+    # a time limit stops a long run early, with its checkpoint and a model; re-running resumes
+    limited = TrainConfig(out=str(tmp_path / "lim"), steps=10_000, time_limit_s=1e-9, **common)
+    train(limited, progress=False)
+    step = load_checkpoint(tmp_path / "lim" / "checkpoint.pt")["step"]
+    assert step == 1 and (tmp_path / "lim" / "model.safetensors").is_file()
+    train(TrainConfig(out=str(tmp_path / "lim"), steps=10_000, time_limit_s=1e-9, **common), progress=False)
+    assert load_checkpoint(tmp_path / "lim" / "checkpoint.pt")["step"] == 2
