@@ -64,9 +64,17 @@ def resolve_resource(ref: str, relative_to: Path | None = None) -> Path:
     absolute path, or a path relative to ``relative_to``.
     """
     if ref.startswith("pybullet_data://"):
-        import pybullet_data
-
-        return Path(pybullet_data.getDataPath()) / ref[len("pybullet_data://"):]
+        sub = ref[len("pybullet_data://"):]
+        # Where pybullet is not installed (a training machine whose Python it has no wheel for), a copy of
+        # the files needed (the URDF; meshes only for rendering) may be named by this variable.
+        if os.environ.get("POSE_ESTIMATOR_PYBULLET_DATA"):
+            return Path(os.environ["POSE_ESTIMATOR_PYBULLET_DATA"]) / sub
+        try:
+            import pybullet_data
+        except ImportError as e:
+            raise FileNotFoundError(f"{ref}: pybullet is not installed; install it, or set "
+                                    "POSE_ESTIMATOR_PYBULLET_DATA to a folder holding a copy of its files") from e
+        return Path(pybullet_data.getDataPath()) / sub
     if ref.startswith("resource://"):
         return resource_dir() / ref[len("resource://"):]
     if ref.startswith("package://"):

@@ -5,7 +5,7 @@
 #
 # PACKS is a folder of packs (`pose-estimator pack` output, one per sub-folder).
 # Each CONFIG (a TrainConfig YAML) trains into runs/gpu_<config name>. A first
-# run of 100 steps each, all side by side, measures seconds per step; then the
+# run of 200 steps each, all side by side, measures seconds per step; then the
 # runs resume with as many steps as fill what is left of BUDGET_S, and a time
 # limit as a backstop (a run cut short still writes its model, and re-running
 # resumes it). RESULTS gets <config name>.tgz (model, metrics, log) per run, split
@@ -13,7 +13,9 @@
 #
 # Needs python3 with torch, OpenCV, numpy, PyYAML, safetensors, tqdm and
 # pytorch-kinematics; wheels found in .whl/ are installed into /tmp/site first
-# (a lent machine that cannot reach a package index).
+# (a lent machine that cannot reach a package index). A robot whose URDF comes
+# from pybullet_data needs pybullet there, or POSE_ESTIMATOR_PYBULLET_DATA naming
+# a copy of the URDF's folder (.pybullet_data/ at the repository root is used if present).
 set -uo pipefail
 if [ $# -lt 4 ]; then
   sed -n '2,16p' "$0"
@@ -29,6 +31,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+[ -d .pybullet_data ] && export POSE_ESTIMATOR_PYBULLET_DATA=${POSE_ESTIMATOR_PYBULLET_DATA:-$PWD/.pybullet_data}
 mkdir -p "$results"
 mapfile -t data < <(find "$packs" -mindepth 2 -maxdepth 2 -name pack.json -printf '%h\n' | sort)
 [ ${#data[@]} -gt 0 ] || { echo "no packs under $packs"; exit 1; }
@@ -44,8 +47,9 @@ run() {  # config name steps [more train flags]
     --no-progress "${@:4}" >>"$results/$2.log" 2>&1
 }
 
-# 1: 100 steps each, side by side, to measure the speed they share.
-for i in "${!configs[@]}"; do run "${configs[i]}" "${names[i]}" 100 & done
+# 1: 200 steps each, side by side, to measure the speed they share (steps 101-200: the first
+# hundred include the GPU's warm-up; still, alone in phase 2 a run went 2-2.5x faster than this).
+for i in "${!configs[@]}"; do run "${configs[i]}" "${names[i]}" 200 & done
 wait
 for n in "${names[@]}"; do tail -n 2 "$results/$n.log"; done
 
@@ -55,11 +59,11 @@ for i in "${!configs[@]}"; do
   n=${names[i]}
   steps=$(python3 - "runs/gpu_$n/metrics.csv" "$left" <<'EOF'
 import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-sec = float(rows[-1]["sec_per_step"])  # steps 51-100, all runs going
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if int(r["step"]) > 100]
+sec = sorted(float(r["sec_per_step"]) for r in rows)[len(rows) // 2]  # median, all runs going
 print(int(rows[-1]["step"]) + int(0.93 * max(0, int(sys.argv[2]) - 25) / sec))
 EOF
-  ) || steps=100
+  ) || steps=200
   echo "$n: $steps steps in about $left s"
   run "${configs[i]}" "$n" "$steps" --time-limit "$left" &
 done

@@ -1,6 +1,7 @@
 """RobotModel: a robot is a URDF plus a keypoint YAML; kinematics and Jacobians are right."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,19 @@ def test_joint_vector_orders_names_and_rejects_strangers(panda):
 def test_missing_robot_definition_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="robot definition not found"):
         RobotDefinition.from_yaml("no_such_robot")
+
+
+def test_pybullet_data_urdf_may_come_from_a_copy(panda, tmp_path, monkeypatch):
+    """A training machine without pybullet names a copy of the URDF's folder (scripts/train_on_gpu.sh)."""
+    import pybullet_data
+
+    src = Path(pybullet_data.getDataPath()) / "franka_panda" / "panda.urdf"
+    (tmp_path / "franka_panda").mkdir()
+    (tmp_path / "franka_panda" / "panda.urdf").write_text(src.read_text())
+    monkeypatch.setenv("POSE_ESTIMATOR_PYBULLET_DATA", str(tmp_path))
+    copy = RobotModel.from_yaml("panda")
+    q = torch.full((1, panda.n_joints), 0.3, dtype=torch.float64)
+    assert torch.allclose(copy.ee_pose(q), panda.ee_pose(q))
+    monkeypatch.setenv("POSE_ESTIMATOR_PYBULLET_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises((FileNotFoundError, ValueError), match="elsewhere"):
+        RobotModel.from_yaml("panda")
