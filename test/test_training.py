@@ -190,3 +190,18 @@ def test_add_auc():
     assert add_auc(np.zeros(10)) == pytest.approx(1.0, abs=1e-3)
     assert add_auc(np.full(10, np.nan)) == 0.0
     assert add_auc(np.full(4, 0.05)) == pytest.approx(0.5, abs=2e-3)
+
+
+def test_shipped_training_configs_are_valid():
+    """Every config/train_*.yaml the README names parses into a TrainConfig (no stale or misspelt keys)."""
+    from pathlib import Path
+
+    import yaml
+
+    from pose_estimator.training.train import config_from_mapping
+
+    files = sorted((Path(__file__).resolve().parents[1] / "config").glob("train_*.yaml"))
+    assert len(files) >= 2
+    for f in files:
+        cfg = config_from_mapping({**yaml.safe_load(f.read_text()), "data": ["d"], "out": "o"})
+        assert cfg.steps > 0 and cfg.network.input_size[0] % (cfg.network.stride * 2**cfg.network.depth) == 0, f
