@@ -12,7 +12,7 @@ from pose_estimator.network import HeatmapNet, HeatmapNetConfig
 from pose_estimator.robot import RobotModel
 from pose_estimator.solver import SolverConfig
 from pose_estimator.training import TrainConfig, TrainingData, load_checkpoint, train
-from pose_estimator.training.data import collate
+from pose_estimator.training.data import collate, kinematic_uv
 from pose_estimator.training.evaluate import add_auc, evaluate
 from pose_estimator.training.losses import heatmap_loss, keypoint_nll, pose_losses, soft_argmax_outputs
 
@@ -177,7 +177,7 @@ def test_prior_model_starts_from_the_rgb_model_and_sees_the_kinematic_prior(data
     s = data.load(2, np.random.default_rng(0), augment=False)
     assert s.image.shape == (3 + robot.num_keypoints, 64, 64)
     frame = data.datasets[0].sequences()[data.index[2][1]].frame(data.index[2][2])
-    uv_kin = data._kinematic_uv(frame, robot.keypoints_3d(torch.as_tensor(frame.joints_measured)[None])[0].numpy())
+    uv_kin = kinematic_uv(frame, robot.keypoints_3d(torch.as_tensor(frame.joints_measured)[None])[0].numpy())
     A_in = s.affine.copy()  # heat-map px -> image px; input px = stride * hm px + 0.5
     uv_in = ((uv_kin - A_in[:, 2]) @ np.linalg.inv(A_in[:, :2]).T) * 2 + 0.5
     for k in range(robot.num_keypoints):

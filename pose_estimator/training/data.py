@@ -90,6 +90,15 @@ def collate(samples: list[Sample]) -> dict:
     }
 
 
+def kinematic_uv(frame, P_base: np.ndarray) -> np.ndarray:
+    """Keypoints (base frame, (K, 3)) projected into a dataset frame with its extrinsic; NaN behind the camera."""
+    T_cb = frame.T_camera_base
+    Pc = P_base @ T_cb[:3, :3].T + T_cb[:3, 3]
+    uv = cv2.projectPoints(P_base, cv2.Rodrigues(T_cb[:3, :3])[0], T_cb[:3, 3], frame.K, frame.dist)[0][:, 0]
+    uv[Pc[:, 2] < 0.05] = np.nan
+    return uv
+
+
 def sample_pairs(by_seq: dict, rng: np.random.Generator, n_pairs: int, max_gap: int = 8) -> list[int]:
     """``n_pairs`` pairs of sample indices (consecutive entries), each two frames of one sequence
     (``by_seq``: sequence -> its sample indices in frame order), a sequence drawn uniformly."""
@@ -190,20 +199,13 @@ class TrainingData:
         """Indices of ``n_pairs`` pairs (consecutive entries), each two frames of one sequence."""
         return sample_pairs(self._by_seq, rng, n_pairs, max_gap)
 
-    def _kinematic_uv(self, f, P_base: np.ndarray) -> np.ndarray:
-        T_cb = f.T_camera_base
-        Pc = P_base @ T_cb[:3, :3].T + T_cb[:3, 3]
-        uv = cv2.projectPoints(P_base, cv2.Rodrigues(T_cb[:3, :3])[0], T_cb[:3, 3], f.K, f.dist)[0][:, 0]
-        uv[Pc[:, 2] < 0.05] = np.nan
-        return uv
-
     def _arm_crop(self, f, P_base: np.ndarray, rng: np.random.Generator, augment: bool):
         """One crop around the arm -> (input (3 [+ K], h, w), heat-map px -> image px affine (2, 3))."""
         W, H = f.width, f.height
         h, w = self.input_size
         aspect = w / h
         roi = None
-        uv_kin = self._kinematic_uv(f, P_base)
+        uv_kin = kinematic_uv(f, P_base)
         if not (augment and rng.random() < self.aug.full_frame_prob):
             roi = kinematic_roi(uv_kin, W, H, self.aug.roi_margin, aspect)
         with_prior = roi is not None  # the estimator knows where the arm is only with a camera seed

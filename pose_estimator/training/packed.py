@@ -44,7 +44,7 @@ from ..keypoints import gaussian_targets, heatmap_to_input_affine
 from ..preprocess import MEAN, STD, Preprocessor, compose_affine, full_frame_roi, invert_affine, roi_affine
 from ..robot import RobotModel
 from ..sim.dataset import SyntheticDataset
-from .data import AugmentConfig, sample_pairs
+from .data import AugmentConfig, kinematic_uv, sample_pairs
 
 __all__ = ["PACK_VERSION", "is_pack", "pack_datasets", "PackedData"]
 
@@ -53,14 +53,6 @@ PACK_VERSION = 1
 
 def is_pack(root: str | os.PathLike) -> bool:
     return (Path(root) / "pack.json").is_file()
-
-
-def _kinematic_uv(frame, P_base: np.ndarray) -> np.ndarray:
-    T_cb = frame.T_camera_base
-    Pc = P_base @ T_cb[:3, :3].T + T_cb[:3, 3]
-    uv = cv2.projectPoints(P_base, cv2.Rodrigues(T_cb[:3, :3])[0], T_cb[:3, 3], frame.K, frame.dist)[0][:, 0]
-    uv[Pc[:, 2] < 0.05] = np.nan
-    return uv
 
 
 def _pad_dist(dist) -> np.ndarray:
@@ -110,7 +102,7 @@ def pack_datasets(roots: list[str | os.PathLike], robot: RobotModel, out: str | 
         qt = torch.as_tensor(q)[None]
         P_base = robot.keypoints_3d(qt)[0].numpy()
         T_be = robot.ee_pose(qt)[0].numpy()
-        uv_kin = _kinematic_uv(f, P_base)
+        uv_kin = kinematic_uv(f, P_base)
         roi = kinematic_roi(uv_kin, f.width, f.height, roi_margin, 1.0)
         if roi is not None:
             x0, y0, x1, y1 = roi
