@@ -221,7 +221,9 @@ def played(graph, recording, model_file):
     BagPlayer(player_node, recording, topics=["/robot_description", "/tf_static"]).play()
     assert wait_for(lambda: node.estimator is not None, 20), "robot model not built from /robot_description"
     assert wait_for(lambda: node.static_tf.lookup("camera_optical_frame", "panda_link0") is not None, 10)
-    player = BagPlayer(player_node, recording, rate=0.2, exclude=["/robot_description", "/tf_static"])
+    # A tenth of real time (a frame every 0.33 s): the untrained model's keypoints send the solver to its
+    # iteration limit, and at 0.2x a loaded CI machine processed only 4 of 19 frames (the rest replaced).
+    player = BagPlayer(player_node, recording, rate=0.1, exclude=["/robot_description", "/tf_static"])
     assert not player.wait_for_subscribers(["/camera/image_raw", "/camera/camera_info", "/joint_states"], 10)
     assert wait_for(lambda: node.pose_pub.get_subscription_count() > 0 and node.diag_pub.get_subscription_count() > 0)
     stats = player.play()  # returns when every message has been published
