@@ -110,3 +110,34 @@ def test_training_from_a_pack_resumes_exactly_and_stops_at_its_time_limit(pack, 
     assert step == 1 and (tmp_path / "lim" / "model.safetensors").is_file()
     train(TrainConfig(out=str(tmp_path / "lim"), steps=10_000, time_limit_s=1e-9, **common), progress=False)
     assert load_checkpoint(tmp_path / "lim" / "checkpoint.pt")["step"] == 2
+
+
+def test_a_keypoint_far_outside_a_distorted_image_leaves_the_gradient_finite(pack, robot):
+    """The undistortion of a point far outside the image may not converge; its NaN must not reach the
+    network through the solver loss (it did, in ~3 % of training steps)."""
+    from pose_estimator.geometry import CameraModel, undistort_points
+    from pose_estimator.solver import SolverConfig
+    from pose_estimator.training.losses import pose_losses, soft_argmax_outputs
+
+    pd = PackedData([pack[0]], robot, (64, 64), 2)
+    b = pd.batch(pd.sample_pairs(np.random.default_rng(0), 2), np.random.default_rng(0), augment=False)
+    b["dist"][:] = 0.0
+    b["dist"][:, 0], b["dist"][:, 1] = -0.45, 0.25  # strong barrel distortion
+    logits = torch.full((4, robot.num_keypoints, 32, 32), -20.0, dtype=torch.float64)
+    hm = torch.nan_to_num(b["kp_hm"], nan=16.0).round().long().clamp(0, 31)
+    for i in range(4):
+        for k in range(robot.num_keypoints):
+            logits[i, k, hm[i, k, 1], hm[i, k, 0]] = 0.0
+    logits.requires_grad_(True)
+    mean, cov = soft_argmax_outputs(logits, 1.0)
+    far = mean.clone()
+    far[0, 3] = torch.tensor([-400.0, -400.0], dtype=torch.float64)  # heat-map px: far beyond the image
+    W, H = b["size"][0]
+    from pose_estimator.keypoints import keypoints_to_image
+
+    uv, c = keypoints_to_image(far[:1, 3:4].detach(), cov[:1, 3:4].detach(), b["affine"][:1])
+    u, _ = undistort_points(uv, c, CameraModel(b["K"][0].numpy(), W, H, b["dist"][0].numpy()))
+    assert not torch.isfinite(u).all()  # the case this test is about
+    lp, ld, _ = pose_losses(far, cov, b, robot, SolverConfig(max_iterations=10))
+    (lp + ld).backward()
+    assert torch.isfinite(lp) and torch.isfinite(logits.grad).all()

@@ -82,15 +82,23 @@ def pose_losses(mean_hm: torch.Tensor, cov_hm: torch.Tensor, batch: dict, robot,
     uv, cov = keypoints_to_image(mean_hm, cov_hm, batch["affine"])
     B = uv.shape[0]
     # Undistort per sample (each frame has its own camera), then solve all at once with batched K.
-    ud, cd = [], []
+    ud, cd, bad = [], [], []
     for b in range(B):
         W, H = batch["size"][b]
         cam = CameraModel(batch["K"][b].numpy(), W, H, batch["dist"][b].numpy())
         u, c = undistort_points(uv[b:b + 1], cov[b:b + 1], cam)
+        # Far outside the image (a crop reaching past it) the undistortion may not converge: its NaN
+        # would reach the weights through the backward pass even where the point is masked out. Such
+        # points are undistorted from the principal point instead (no gradient) and left out.
+        nok = ~(torch.isfinite(u).all(-1) & torch.isfinite(c).flatten(-2).all(-1))
+        if nok.any():
+            centre = torch.as_tensor(cam.K[:2, 2], dtype=uv.dtype)
+            u, c = undistort_points(torch.where(nok[..., None], centre, uv[b:b + 1]), cov[b:b + 1], cam)
         ud.append(u)
         cd.append(c)
+        bad.append(nok)
     uv, cov = torch.cat(ud), torch.cat(cd)
-    mask = batch["kp_weight"] > 0
+    mask = (batch["kp_weight"] > 0) & ~torch.cat(bad)
     if mode == "rigid":
         rigid = robot.definition.rigid_indices()
         P_ee = robot.keypoints_in_ee(batch["joints"], rigid)
