@@ -39,7 +39,8 @@ from ..preprocess import Preprocessor, compose_affine, full_frame_roi
 from ..robot import RobotModel
 from ..sim.dataset import SyntheticDataset, pose7_to_matrix
 
-__all__ = ["AugmentConfig", "TrainingData", "Sample", "collate", "sample_pairs"]
+__all__ = ["AugmentConfig", "TrainingData", "Sample", "collate", "sample_pairs", "jitter_roi", "truth_weights",
+           "heatmap_targets"]
 
 
 @dataclass
@@ -97,6 +98,32 @@ def kinematic_uv(frame, P_base: np.ndarray) -> np.ndarray:
     uv = cv2.projectPoints(P_base, cv2.Rodrigues(T_cb[:3, :3])[0], T_cb[:3, 3], frame.K, frame.dist)[0][:, 0]
     uv[Pc[:, 2] < 0.05] = np.nan
     return uv
+
+
+def jitter_roi(roi, scale: float, shift: tuple[float, float]) -> tuple[float, float, float, float]:
+    """The box ``roi`` (x0, y0, x1, y1) moved by ``shift`` (fractions of its size) and scaled about its centre."""
+    x0, y0, x1, y1 = roi
+    bw, bh = x1 - x0, y1 - y0
+    cx, cy = (x0 + x1) / 2 + shift[0] * bw, (y0 + y1) / 2 + shift[1] * bh
+    bw, bh = bw * scale, bh * scale
+    return (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+
+
+def truth_weights(kp_img: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Weights of the simulator's keypoint targets: 1 seen, 0.5 occluded (it is still where it is), 0 none."""
+    weight = np.where(visible, 1.0, 0.5)
+    weight[~np.isfinite(kp_img).all(-1)] = 0.0
+    return weight
+
+
+def heatmap_targets(kp_img: np.ndarray, weight: np.ndarray, A: np.ndarray,
+                    heatmap_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (..., K, 2) image px -> heat-map px through ``A`` (..., 2, 3: heat-map px -> image px),
+    and the weights with those outside the heat map (h, w) set to zero."""
+    kp_hm = np.einsum("...kj,...ij->...ki", kp_img - A[..., None, :, 2], np.linalg.inv(A[..., :2]))
+    hh, hw = heatmap_size
+    inside = (kp_hm[..., 0] > -0.5) & (kp_hm[..., 0] < hw - 0.5) & (kp_hm[..., 1] > -0.5) & (kp_hm[..., 1] < hh - 0.5)
+    return kp_hm, np.where(inside, weight, 0.0)
 
 
 def sample_pairs(by_seq: dict, rng: np.random.Generator, n_pairs: int, max_gap: int = 8) -> list[int]:
@@ -212,13 +239,9 @@ class TrainingData:
         if roi is None:
             roi = full_frame_roi(W, H, aspect)
         elif augment:
-            x0, y0, x1, y1 = roi
-            cx, cy, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
             sc = float(np.exp(rng.normal(0, self.aug.roi_scale_log_std)))
-            cx += rng.uniform(-1, 1) * self.aug.roi_shift * bw
-            cy += rng.uniform(-1, 1) * self.aug.roi_shift * bh
-            bw, bh = bw * sc, bh * sc
-            roi = (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+            shift = self.aug.roi_shift
+            roi = jitter_roi(roi, sc, (rng.uniform(-1, 1) * shift, rng.uniform(-1, 1) * shift))
         crop, A_in = self.pre.crop(f.image, roi)
         if augment:
             crop = _augment(crop, rng, self.aug)
@@ -249,8 +272,7 @@ class TrainingData:
 
         if lab is None:
             kp_img = f.keypoints_2d.copy()
-            weight = np.where(f.keypoints_visible, 1.0, 0.5)  # occluded points are still where they are
-            weight[~np.isfinite(kp_img).all(1)] = 0.0
+            weight = truth_weights(kp_img, f.keypoints_visible)
             ee_target = f.ee_pose_camera
             pose_weight = 1.0
         else:
@@ -266,10 +288,7 @@ class TrainingData:
             sigma_mm = float(np.sqrt(np.trace(cov[:3, :3]) / 3)) * 1e3
             pose_weight = float(1.0 / (1.0 + (sigma_mm / 2.0) ** 2))
             weight *= pose_weight
-        kp_hm = (kp_img - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
-        hh, hw = h // self.stride, w // self.stride
-        inside = (kp_hm[:, 0] > -0.5) & (kp_hm[:, 0] < hw - 0.5) & (kp_hm[:, 1] > -0.5) & (kp_hm[:, 1] < hh - 0.5)
-        weight = np.where(inside, weight, 0.0)
+        kp_hm, weight = heatmap_targets(kp_img, weight, A, (h // self.stride, w // self.stride))
         return Sample(image=x, affine=A, kp_hm=kp_hm, kp_img=kp_img, kp_weight=weight, K=f.K, dist=f.dist,
                       size=(W, H), joints=q, ee_pose=ee_target, ee_in_camera_kin=ee_kin,
                       camera_from_base=T_cb if lab is None else ee_target @ np.linalg.inv(T_be), pose_weight=pose_weight,

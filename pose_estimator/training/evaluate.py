@@ -230,8 +230,7 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
                 break
             frames.append((seq.path, f))
     m2: list[np.ndarray] = []
-    for f in _run_frames(est, frames):
-        e, f = f
+    for e, f in _run_frames(est, frames):
         vis = f.keypoints_visible & np.isfinite(f.keypoints_2d).all(1) & np.isfinite(e.keypoints).all(1)
         r = (e.keypoints - f.keypoints_2d)[vis]
         S = e.keypoint_covariance[vis] / cfg.keypoint_variance_scale

@@ -44,7 +44,7 @@ from ..keypoints import gaussian_targets, heatmap_to_input_affine
 from ..preprocess import MEAN, STD, Preprocessor, compose_affine, full_frame_roi, invert_affine, roi_affine
 from ..robot import RobotModel
 from ..sim.dataset import SyntheticDataset
-from .data import AugmentConfig, kinematic_uv, sample_pairs
+from .data import AugmentConfig, heatmap_targets, jitter_roi, kinematic_uv, sample_pairs, truth_weights
 
 __all__ = ["PACK_VERSION", "is_pack", "pack_datasets", "PackedData"]
 
@@ -307,11 +307,7 @@ class PackedData:
                 A_in[b] = roi_affine(full_frame_roi(W, H, w / h), (h, w))
                 A_src[b] = compose_affine(invert_affine(m["A_full"][j]), A_in[b])
             else:
-                x0, y0, x1, y1 = m["roi"][j]
-                bw, bh = x1 - x0, y1 - y0
-                cx, cy = (x0 + x1) / 2 + shift[b, 0] * bw, (y0 + y1) / 2 + shift[b, 1] * bh
-                bw, bh = bw * scale[b], bh * scale[b]
-                A_in[b] = roi_affine((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), (h, w))
+                A_in[b] = roi_affine(jitter_roi(m["roi"][j], scale[b], shift[b]), (h, w))
                 A_src[b] = compose_affine(invert_affine(m["A_arm"][j]), A_in[b])
         idx_t = torch.as_tensor(idx, device=self.device)
         x = torch.empty(B, 3, h, w, device=self.device)
@@ -339,13 +335,8 @@ class PackedData:
             x = torch.cat([x, maps], 1)
         A = np.stack([compose_affine(A_in[b], self.A_hm) for b in range(B)])  # heat-map px -> image px
         kp_img = m["kp_img"][idx]
-        weight = np.where(m["kp_visible"][idx], 1.0, 0.5)
-        weight[~np.isfinite(kp_img).all(-1)] = 0.0
-        Ainv = np.linalg.inv(A[:, :, :2])
-        kp_hm = np.einsum("bkj,bij->bki", kp_img - A[:, None, :, 2], Ainv)
-        hh, hw = h // self.stride, w // self.stride
-        inside = (kp_hm[..., 0] > -0.5) & (kp_hm[..., 0] < hw - 0.5) & (kp_hm[..., 1] > -0.5) & (kp_hm[..., 1] < hh - 0.5)
-        weight = np.where(inside, weight, 0.0)
+        kp_hm, weight = heatmap_targets(kp_img, truth_weights(kp_img, m["kp_visible"][idx]), A,
+                                        (h // self.stride, w // self.stride))
         d = lambda v: torch.as_tensor(np.ascontiguousarray(v), dtype=torch.float64)
         return {
             "image": x, "affine": d(A), "kp_hm": d(kp_hm), "kp_img": d(kp_img), "kp_weight": d(weight),
