@@ -7,7 +7,8 @@ Runs, side by side in one process on the same 640x480 frames:
   untrained): crop/resize around the arm (plus the kinematic-prior maps for a
   network that takes them) + HeatmapNet + soft-argmax with covariance +
   mapping back to image pixels;
-* the network alone, and the soft-argmax and the Gaussian fit alone;
+* the network alone (batch norm folded into the convolutions, as the estimator
+  runs it, and not folded, as trained), and the soft-argmax and the Gaussian fit alone;
 * a peer for scale: OpenCV's ArUco marker detector on the same frames (the
   classic fiducial approach to finding a hand in an image).
 
@@ -92,8 +93,14 @@ def main() -> None:
         x0 = torch.cat([x0, torch.zeros(1, cfg.prior_channels, *cfg.input_size)], 1)
     ours = lambda img: est.detect(img, roi, uv_kin)
 
+    fused = est.net  # what the estimator runs: batch norm folded into the convolutions
+
     @torch.inference_mode()
     def net_only(_):
+        return fused(x0)
+
+    @torch.inference_mode()
+    def net_unfused(_):
         return net(x0)
 
     with torch.inference_mode():
@@ -108,6 +115,7 @@ def main() -> None:
     rows = {
         "ours (preprocess + network + soft-argmax)": timed(ours, imgs),
         "network alone": timed(net_only, imgs),
+        "network alone, batch norm not folded (as trained)": timed(net_unfused, imgs),
         "soft-argmax alone": timed(sa, imgs),
         "Gaussian fit alone": timed(gf, imgs),
         "OpenCV ArUco detectMarkers (peer)": timed(aruco, grey),
@@ -130,6 +138,8 @@ def main() -> None:
         "input_size": list(cfg.input_size),
         "prior_channels": cfg.prior_channels,
         "network_ms_median": round(med["network alone"], 3),
+        "network_unfused_ms_median": round(med["network alone, batch norm not folded (as trained)"], 3),
+        "fold_speedup": round(med["network alone, batch norm not folded (as trained)"] / med["network alone"], 3),
         "softargmax_ms_median": round(med["soft-argmax alone"], 3),
         "gaussian_fit_ms_median": round(med["Gaussian fit alone"], 3),
         "aruco_ms_median": round(peer, 3),

@@ -22,6 +22,7 @@ import torch
 from .config import EstimatorConfig
 from .geometry import CameraModel
 from .keypoints import gaussian_fit2d, heatmap_to_input_affine, keypoints_to_image, prior_maps, soft_argmax2d
+from .network import HeatmapNet
 from .preprocess import Preprocessor, compose_affine, full_frame_roi
 from .robot import RobotModel
 from .solver import PoseSolution, solve
@@ -89,7 +90,8 @@ class Estimator:
         self.config = config or EstimatorConfig()
         self.robot = robot
         self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
+        # batch norm folded into the convolutions for speed (a copy: ``net`` itself is left as it is)
+        self.net = (net.fused() if isinstance(net, HeatmapNet) else net).to(self.device).eval()
         info = model_info or {}
         extra = info.get("extra") or {}
         #: width (input px) of the kinematic-prior maps a network with prior channels is given

@@ -97,3 +97,24 @@ def test_kinematic_roi():
     assert kinematic_roi(np.full((3, 2), np.nan), 640, 480, 0.25, 1.0) is None
     assert kinematic_roi(np.array([[-900.0, -900], [-800, -850]]), 640, 480, 0.25, 1.0) is None
 
+
+
+def test_estimator_runs_the_network_with_batch_norm_folded(robot):
+    torch.manual_seed(0)
+    net = HeatmapNet(HeatmapNetConfig(input_size=(64, 64), base_width=8, depth=2, num_keypoints=robot.num_keypoints))
+    for m in net.modules():  # statistics and affine terms far from the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.2, 3.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    est = Estimator(robot, net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in est.net.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(est.net(x), net(x), rtol=1e-4, atol=1e-4)
+    # the caller's network is not touched: it can still be trained and saved as it was
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
