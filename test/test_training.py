@@ -136,6 +136,11 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
               "kinematic_pos_err_mm_median", "add_auc_100mm", "coverage95", "ms_per_frame"):
         assert k in m
     assert m["frames"] == 4 and m["kinematic_pos_err_mm_median"] > 1.0
+    by_kp = m["kp_err_px_median_by_keypoint"]  # where the keypoint error comes from, per keypoint
+    from pose_estimator.robot import RobotModel
+
+    assert list(by_kp) == RobotModel.from_yaml("panda").keypoint_names
+    assert all(v is None or v >= 0 for v in by_kp.values()) and any(v is not None for v in by_kp.values())
     assert (tmp_path / "plots" / "add_curve.png").is_file()
     # calibrating the keypoint variance writes the factor into the model; the estimator applies it
     rc = main(["calibrate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "3",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class FrameResult:
     mahal2: float
     ms: float
     converged: bool
+    kp_err_all: np.ndarray | None = None  # (K,) every keypoint's error, NaN where it is not visible
 
 
 def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None = None, extrinsic: str = "given",
@@ -98,7 +100,8 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
             e = est.estimate(f.image, cam, f.joints_measured, camera_from_base=T_cb if extrinsic == "given" else None)
             ms = (time.perf_counter() - t0) * 1e3
             vis = f.keypoints_visible
-            kp_err = np.linalg.norm(e.keypoints - f.keypoints_2d, axis=1)[vis]
+            kp_err_all = np.where(vis, np.linalg.norm(e.keypoints - f.keypoints_2d, axis=1), np.nan)
+            kp_err = kp_err_all[vis]
             kp_sigma = np.sqrt(np.trace(e.keypoint_covariance, axis1=1, axis2=2) / 2)[vis]
             q = torch.as_tensor(f.joints_measured)[None]
             kin = T_cb @ est.robot.ee_pose(q)[0].numpy()
@@ -122,7 +125,8 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
                     mahal2 = float("inf")
             else:
                 pos_err = rot_err = add = mahal2 = float("nan")
-            results.append(FrameResult(kp_err, kp_sigma, pos_err, rot_err, kin_err, add, mahal2, ms, e.converged))
+            results.append(FrameResult(kp_err, kp_sigma, pos_err, rot_err, kin_err, add, mahal2, ms, e.converged,
+                                       kp_err_all))
             if bar is not None:
                 bar.update(1)
         if done:
@@ -152,6 +156,13 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
         "coverage95": float((m2[conv] <= CHI2_3_95).mean()) if conv.any() else float("nan"),
         "ms_per_frame": float(np.mean([r.ms for r in results])),
     }
+    # per keypoint (visible frames only; NaN for one never seen): where the error comes from
+    per_kp = np.stack([r.kp_err_all for r in results])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a keypoint never seen: all-NaN column
+        by_kp = np.nanmedian(per_kp, axis=0)
+    out["kp_err_px_median_by_keypoint"] = {n: (round(float(v), 3) if np.isfinite(v) else None)
+                                           for n, v in zip(est.robot.keypoint_names, by_kp)}
     out["improvement_vs_kinematics"] = (out["kinematic_pos_err_mm_median"] / out["ee_pos_err_mm_median"]
                                         if out["ee_pos_err_mm_median"] > 0 else float("nan"))
     if plots_dir is not None:
