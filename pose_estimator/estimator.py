@@ -109,6 +109,10 @@ class Estimator:
         #: the model's calibration of the published pose covariance (``pose-estimator calibrate``): what
         #: makes 95 % of held-out end-effector positions fall inside the published 95 % ellipsoid
         self.pose_covariance_scale = float(extra.get("pose_covariance_scale", 1.0))
+        #: the model's calibration of the joint prior against its keypoints (``pose-estimator calibrate``):
+        #: a factor on ``config.joint_sigma``, below 1 where the network's errors are correlated across
+        #: keypoints (the solver takes them as independent)
+        self.joint_prior_scale = float(extra.get("joint_prior_scale", 1.0))
         self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
 
@@ -263,7 +267,7 @@ class Estimator:
         if cfg.mode == "articulated":
             sol = solve("articulated", uv_t, cov_t, camera, robot=self.robot, joints=q,
                         initial_camera_from_base=torch.as_tensor(T_cb)[None],
-                        joint_sigma=cfg.joint_sigma * joint_sigma_scale, camera_prior_sigma=cam_prior,
+                        joint_sigma=cfg.joint_sigma * self.joint_prior_scale * joint_sigma_scale, camera_prior_sigma=cam_prior,
                         mask=mask[None], config=cfg.solver)
         else:
             idx = self._rigid_idx

@@ -3,6 +3,7 @@ checkpoints resume exactly, the CLI writes a model the estimator loads, evaluati
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -153,6 +154,13 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
     est = Estimator.from_files(tmp_path / "m.safetensors")
     assert est.model_variance_scale == pytest.approx(c["keypoint_variance_scale"])
     assert c["pose_covariance_scale"] > 0 and est.pose_covariance_scale == pytest.approx(c["pose_covariance_scale"])
+    from pose_estimator.training.evaluate import JOINT_PRIOR_SCALES
+
+    assert c["joint_prior_scale"] in JOINT_PRIOR_SCALES and est.joint_prior_scale == c["joint_prior_scale"]
+    tried = c["ee_pos_err_mm_median_by_joint_prior_scale"]
+    assert len(tried) == len(JOINT_PRIOR_SCALES)
+    finite = {float(k): v for k, v in tried.items() if math.isfinite(v)}
+    assert c["joint_prior_scale"] == (min(finite, key=finite.get) if finite else 1.0)
 
 
 def test_prior_model_starts_from_the_rgb_model_and_sees_the_kinematic_prior(dataset, robot, tmp_path):

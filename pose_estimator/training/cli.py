@@ -157,20 +157,24 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="held-out dataset (not the training data, not the test data)")
     p.add_argument("--config", help="estimator YAML the model will run with (the pose factor depends on its priors)")
     p.add_argument("--max-frames", type=int)
+    p.add_argument("--no-joint-prior-fit", action="store_true",
+                   help="leave the joint prior at the config's joint_sigma (else the factor on it with the lowest "
+                        "end-effector error on DATA is stored in the model)")
     p.add_argument("--dry-run", action="store_true", help="print the factors, leave the model alone")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
 
 def cli_calibrate(args: argparse.Namespace) -> int:
     from ..model_io import update_model_extra
-    from .evaluate import calibrate_variance
+    from .evaluate import JOINT_PRIOR_SCALES, calibrate_variance
 
     from ..config import load_config
 
-    m = calibrate_variance(args.model, args.data, max_frames=args.max_frames, config=load_config(args.config))
+    m = calibrate_variance(args.model, args.data, max_frames=args.max_frames, config=load_config(args.config),
+                           joint_prior_scales=None if args.no_joint_prior_fit else JOINT_PRIOR_SCALES)
     if not args.dry_run:
         update_model_extra(args.model, keypoint_variance_scale=m["keypoint_variance_scale"],
-                           pose_covariance_scale=m["pose_covariance_scale"],
+                           pose_covariance_scale=m["pose_covariance_scale"], joint_prior_scale=m["joint_prior_scale"],
                            calibration={k: v for k, v in m.items() if not k.endswith("_scale")} | {"data": str(args.data)})
     if args.json:
         print(json.dumps(m))
