@@ -40,7 +40,8 @@ class EstimatorConfig:
     roi: str = "kinematic"
     #: margin added around the kinematic bounding box, as a fraction of its size
     roi_margin: float = 0.25
-    #: joint prior standard deviation (rad), articulated mode
+    #: joint prior standard deviation (rad), articulated mode; the model file's joint_prior_scale
+    #: (fitted by `pose-estimator calibrate`) multiplies it
     joint_sigma: float = 0.02
     #: keep the camera-from-base estimate between frames as the next seed (static camera)
     track_camera: bool = True
