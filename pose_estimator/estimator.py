@@ -267,7 +267,8 @@ class Estimator:
         if cfg.mode == "articulated":
             sol = solve("articulated", uv_t, cov_t, camera, robot=self.robot, joints=q,
                         initial_camera_from_base=torch.as_tensor(T_cb)[None],
-                        joint_sigma=cfg.joint_sigma * self.joint_prior_scale * joint_sigma_scale, camera_prior_sigma=cam_prior,
+                        joint_sigma=cfg.joint_sigma * self.joint_prior_scale * joint_sigma_scale,
+                        camera_prior_sigma=cam_prior,
                         mask=mask[None], config=cfg.solver)
         else:
             idx = self._rigid_idx
