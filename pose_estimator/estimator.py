@@ -25,9 +25,10 @@ from .keypoints import gaussian_fit2d, heatmap_to_input_affine, keypoints_to_ima
 from .network import HeatmapNet
 from .preprocess import Preprocessor, compose_affine, full_frame_roi
 from .robot import RobotModel
-from .solver import PoseSolution, solve
+from .solver import PoseSolution
+from .solver import solve as solve_pose
 
-__all__ = ["Estimate", "Estimator", "kinematic_roi"]
+__all__ = ["Estimate", "Estimator", "Observation", "kinematic_roi"]
 
 
 @dataclass
@@ -52,6 +53,29 @@ class Estimate:
     kinematic_pose: np.ndarray | None = None  # T_camera_ee from the measured joints and the seed
     roi: tuple[float, float, float, float] | None = None
     seed_source: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Observation:
+    """What the network saw in one frame, before the solver (:meth:`Estimator.observe`).
+
+    ``keypoint_covariance`` is the network's own, before the variance factors
+    (the model's calibration and ``config.keypoint_variance_scale``), which
+    :meth:`Estimator.solve` applies: so one observation can be solved again under
+    other factors without running the network again (``pose-estimator calibrate``).
+    """
+
+    keypoints: np.ndarray  # (K, 2) image px
+    keypoint_covariance: np.ndarray  # (K, 2, 2) px^2, unscaled
+    confidence: np.ndarray  # (K,)
+    roi: tuple[float, float, float, float]
+    joints: np.ndarray  # (n,) measured
+    camera: CameraModel
+    camera_from_base: np.ndarray | None  # the seed, None: PnP on the keypoints decides
+    seed_source: str  # "extrinsic", "tracked" or "" (none yet)
+    keypoints_base: np.ndarray  # (K, 3) the keypoints where the measured joints put them, base frame
+    ee_in_base: np.ndarray  # (4, 4) T_base_ee from the measured joints
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -141,13 +165,23 @@ class Estimator:
         self._camera_from_base = None
 
     # ------------------------------------------------------------------ pieces
-    @torch.inference_mode()
+    @property
+    def variance_factor(self) -> float:
+        """What the network's keypoint covariances are multiplied by before the solver."""
+        return self.config.keypoint_variance_scale * self.model_variance_scale
+
     def detect(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
         """Keypoints in one crop: -> (uv (K,2), cov (K,2,2) image px, confidence (K,), timings ms).
 
         A network with prior channels is also given where ``uv_kin`` (image px, from the
-        measured joints; None: unknown) puts each keypoint.
+        measured joints; None: unknown) puts each keypoint. ``cov`` has the variance
+        factors applied (:attr:`variance_factor`).
         """
+        uv, cov, conf, ms = self._detect_raw(image, roi, uv_kin)
+        return uv, cov * self.variance_factor, conf, ms
+
+    @torch.inference_mode()
+    def _detect_raw(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
         net = self.net
         t0 = time.perf_counter()
         x, affine = self.preprocess(image, roi)
@@ -166,7 +200,6 @@ class Estimator:
             mean, cov = soft_argmax2d(logits, temperature=self.config.temperature)
         A = compose_affine(np.asarray(affine, dtype=np.float64), self.hm_affine)
         uv, cov_img = keypoints_to_image(mean, cov, torch.as_tensor(A, dtype=torch.float64))
-        cov_img = cov_img * (self.config.keypoint_variance_scale * self.model_variance_scale)
         # Confidence: the spatial-softmax peak relative to the peak of the
         # sharpest distribution the network is trained towards (sigma = 1 heat-map px).
         prob = torch.softmax(logits.flatten(2) / self.config.temperature, -1)
@@ -204,6 +237,18 @@ class Estimator:
             camera_from_base: (4, 4) T_camera_base seed (e.g. a calibrated extrinsic);
                 otherwise the last frame's estimate, otherwise PnP on the kinematic keypoints.
             joint_sigma_scale: widen the joint prior (stale joint states).
+
+        The same as :meth:`solve` of :meth:`observe`.
+        """
+        return self.solve(self.observe(image, camera, joints, camera_from_base), joint_sigma_scale)
+
+    def observe(self, image: np.ndarray, camera: CameraModel, joints: np.ndarray | None = None,
+                camera_from_base: np.ndarray | None = None) -> Observation:
+        """The network's half of :meth:`estimate`: crop where the measured joints put the arm, find the keypoints.
+
+        With ``camera_from_base`` given, the result depends on nothing the estimator
+        tracks or is calibrated with, so it can be solved again under other factors.
+        Raises ``ValueError`` for input that cannot be a frame of this robot.
         """
         cfg = self.config
         if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.size == 0:
@@ -214,16 +259,16 @@ class Estimator:
             raise ValueError(f"image is {W}x{H} but camera info says {camera.width}x{camera.height}")
         if joints is None:
             raise ValueError("joint positions are required (the kinematic seed and prior)")
-        q = torch.as_tensor(np.asarray(joints, dtype=np.float64)).reshape(1, -1)
-        if q.shape[1] != self.robot.n_joints:
-            raise ValueError(f"expected {self.robot.n_joints} joints {self.robot.joint_names}, got {q.shape[1]}")
-        if not bool(torch.isfinite(q).all()):
+        q = np.asarray(joints, dtype=np.float64).reshape(-1)
+        if q.shape[0] != self.robot.n_joints:
+            raise ValueError(f"expected {self.robot.n_joints} joints {self.robot.joint_names}, got {q.shape[0]}")
+        if not np.isfinite(q).all():
             raise ValueError("joint positions contain NaN or inf")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        P_base = self.robot.keypoints_3d(q)[0].numpy()  # (K, 3)
-        T_be = self.robot.ee_pose(q)[0].numpy()
-
+        q_t = torch.as_tensor(q)[None]
+        P_base = self.robot.keypoints_3d(q_t)[0].numpy()  # (K, 3)
+        T_be = self.robot.ee_pose(q_t)[0].numpy()
         seed_source = ""
         T_cb = None
         if camera_from_base is not None:
@@ -243,14 +288,29 @@ class Estimator:
         roi = kinematic_roi(uv_kin, W, H, cfg.roi_margin, aspect) if uv_kin is not None else None
         if roi is None:
             roi = full_frame_roi(W, H, aspect)
-        uv, kcov, conf, ms = self.detect(image, roi, uv_kin)
+        uv, kcov, conf, ms = self._detect_raw(image, roi, uv_kin)
         timings.update(ms)
+        return Observation(keypoints=uv, keypoint_covariance=kcov, confidence=conf, roi=roi, joints=q,
+                           camera=camera, camera_from_base=T_cb, seed_source=seed_source,
+                           keypoints_base=P_base, ee_in_base=T_be, timings_ms=timings)
 
-        t_solve = time.perf_counter()
+    def solve(self, obs: Observation, joint_sigma_scale: float = 1.0) -> Estimate:
+        """The solver's half of :meth:`estimate`: keypoints of an :meth:`observe` call -> pose with covariance.
+
+        Applies the variance factors, the joint prior and the published-covariance factor
+        as they stand now, and updates the tracked camera-from-base.
+        """
+        cfg = self.config
+        timings = dict(obs.timings_ms)
+        t0 = time.perf_counter()
+        uv, conf, roi, camera = obs.keypoints, obs.confidence, obs.roi, obs.camera
+        kcov = obs.keypoint_covariance * self.variance_factor
+        q = torch.as_tensor(obs.joints, dtype=torch.float64)[None]
+        P_base, T_be = obs.keypoints_base, obs.ee_in_base
+        T_cb, seed_source = obs.camera_from_base, obs.seed_source
         if T_cb is None:
             T_cb = self._pnp_seed(P_base, uv, camera)
             seed_source = "pnp"
-        K = len(uv)
         mask = torch.as_tensor(conf >= cfg.min_confidence)
         kin_pose = T_cb @ T_be if T_cb is not None else None
         if T_cb is None:
@@ -265,23 +325,24 @@ class Estimator:
         if cfg.camera_prior_sigma_m > 0 and seed_source == "extrinsic":
             cam_prior = (cfg.camera_prior_sigma_m, cfg.camera_prior_sigma_rad)
         if cfg.mode == "articulated":
-            sol = solve("articulated", uv_t, cov_t, camera, robot=self.robot, joints=q,
-                        initial_camera_from_base=torch.as_tensor(T_cb)[None],
-                        joint_sigma=cfg.joint_sigma * self.joint_prior_scale * joint_sigma_scale,
-                        camera_prior_sigma=cam_prior,
-                        mask=mask[None], config=cfg.solver)
+            sol = solve_pose("articulated", uv_t, cov_t, camera, robot=self.robot, joints=q,
+                             initial_camera_from_base=torch.as_tensor(T_cb)[None],
+                             joint_sigma=cfg.joint_sigma * self.joint_prior_scale * joint_sigma_scale,
+                             camera_prior_sigma=cam_prior,
+                             mask=mask[None], config=cfg.solver)
         else:
             idx = self._rigid_idx
             P_ee = self.robot.keypoints_in_ee(q, idx)
-            sol = solve("rigid", uv_t[:, idx], cov_t[:, idx], camera, points=P_ee,
-                        initial_pose=torch.as_tensor(T_cb @ T_be)[None], mask=mask[None, idx], config=cfg.solver)
-        timings["solver"] = (time.perf_counter() - t_solve) * 1e3
+            sol = solve_pose("rigid", uv_t[:, idx], cov_t[:, idx], camera, points=P_ee,
+                             initial_pose=torch.as_tensor(T_cb @ T_be)[None], mask=mask[None, idx],
+                             config=cfg.solver)
+        timings["solver"] = (time.perf_counter() - t0) * 1e3
         est = self._to_estimate(sol, uv, kcov, conf, roi, cfg.mode, kin_pose, seed_source)
         if est.converged and cfg.track_camera and cfg.mode == "articulated":
             self._camera_from_base = est.camera_from_base
         elif est.converged and cfg.track_camera and cfg.mode == "rigid":
             self._camera_from_base = est.pose @ np.linalg.inv(T_be)
-        timings["total"] = (time.perf_counter() - t0) * 1e3
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
         est.timings_ms = timings
         return est
 

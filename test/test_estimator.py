@@ -89,6 +89,32 @@ def test_untrained_network_gives_no_confident_pose(robot, tiny_net, camera):
         assert np.sqrt(np.linalg.eigvalsh(e.covariance[:3, :3]).max()) > 0.003
 
 
+def test_an_observation_solves_again_under_other_factors(robot, tiny_net, camera):
+    """observe() + solve() is estimate(); the observation keeps the network's own covariance, so solving
+    it under other calibration factors gives what estimate() gives under them (what calibrate relies on)."""
+    q = robot.random_configuration(1, generator=torch.Generator().manual_seed(2))[0].numpy()
+    T_cb = np.eye(4)
+    T_cb[:3, 3] = [0, 0.2, 1.8]
+    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    img = np.random.default_rng(3).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    est = Estimator(robot, tiny_net, EstimatorConfig(track_camera=False))
+    obs = est.observe(img, camera, q, camera_from_base=T_cb)
+    assert obs.seed_source == "extrinsic" and obs.keypoints.shape == (robot.num_keypoints, 2)
+    for variance, joint_prior in ((1.0, 1.0), (0.3, 0.5), (4.0, 1.4)):
+        est.model_variance_scale, est.joint_prior_scale = variance, joint_prior
+        a, b = est.estimate(img, camera, q, camera_from_base=T_cb), est.solve(obs)
+        np.testing.assert_allclose(a.keypoint_covariance, obs.keypoint_covariance * variance)
+        np.testing.assert_allclose(b.keypoint_covariance, a.keypoint_covariance)
+        assert a.converged == b.converged and a.message == b.message
+        np.testing.assert_allclose(b.pose, a.pose, equal_nan=True)
+        np.testing.assert_allclose(b.covariance, a.covariance)
+    # the factors matter to the solution, so the comparison above is not between equal things by default
+    est.model_variance_scale, est.joint_prior_scale = 1.0, 1.0
+    c1 = est.solve(obs).covariance
+    est.joint_prior_scale = 0.25
+    assert not np.allclose(est.solve(obs).covariance, c1)
+
+
 def test_kinematic_roi():
     uv = np.array([[100.0, 100], [200, 150], [np.nan, np.nan]])
     x0, y0, x1, y1 = kinematic_roi(uv, 640, 480, margin=0.25, aspect=1.0)

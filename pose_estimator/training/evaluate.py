@@ -242,7 +242,9 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
     factor restores the balance for this model. ``None`` or ``(1.0,)`` leaves it at 1.
 
     The estimator runs as at run time (kinematic crop from the extrinsic), with the
-    model's current factors removed.
+    model's current factors removed. The network runs once per frame: the crop comes
+    from the recorded extrinsic, so its keypoints do not depend on the factors, and
+    each factor is tried by solving the same observations again.
     """
     cfg = config or EstimatorConfig()
     est = Estimator.from_files(model, cfg)
@@ -254,13 +256,15 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
         for f in seq:
             if max_frames and len(frames) >= max_frames:
                 break
-            frames.append((seq.path, f))
+            frames.append(f)
+    # the network's half, once: the seed is the recorded extrinsic, never the tracked pose
+    obs = [est.observe(f.image, f.camera_model(), f.joints_measured, camera_from_base=f.T_camera_base)
+           for f in frames]
     m2: list[np.ndarray] = []
-    for e, f in _run_frames(est, frames):
-        vis = f.keypoints_visible & np.isfinite(f.keypoints_2d).all(1) & np.isfinite(e.keypoints).all(1)
-        r = (e.keypoints - f.keypoints_2d)[vis]
-        S = e.keypoint_covariance[vis] / cfg.keypoint_variance_scale
-        m2.append(np.einsum("ki,kij,kj->k", r, np.linalg.inv(S), r))
+    for o, f in zip(obs, frames):
+        vis = f.keypoints_visible & np.isfinite(f.keypoints_2d).all(1) & np.isfinite(o.keypoints).all(1)
+        r = (o.keypoints - f.keypoints_2d)[vis]
+        m2.append(np.einsum("ki,kij,kj->k", r, np.linalg.inv(o.keypoint_covariance[vis]), r))
     if not m2 or not np.concatenate(m2).size:
         raise ValueError(f"{data}: no visible keypoints to calibrate on")
     a = np.concatenate(m2)
@@ -271,14 +275,15 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
         if js <= 0:
             raise ValueError(f"joint prior scales must be > 0, got {js}")
         est.joint_prior_scale = js
-        err = [np.linalg.norm(e.pose[:3, 3] - f.ee_pose_camera[:3, 3]) for e, f in _run_frames(est, frames)
-               if e.converged]
+        err = [np.linalg.norm(e.pose[:3, 3] - f.ee_pose_camera[:3, 3])
+               for e, f in ((est.solve(o), f) for o, f in zip(obs, frames)) if e.converged]
         joint_fit[js] = float(np.median(err)) * 1e3 if err else float("inf")
     # no converged frame at any factor: nothing to choose by
     est.joint_prior_scale = (min(joint_fit, key=joint_fit.get) if np.isfinite(list(joint_fit.values())).any()
                              else 1.0)
     p2 = []
-    for e, f in _run_frames(est, frames):
+    for o, f in zip(obs, frames):
+        e = est.solve(o)
         if e.converged:
             d = e.pose[:3, 3] - f.ee_pose_camera[:3, 3]
             p2.append(float(d @ np.linalg.solve(e.covariance[:3, :3], d)))
@@ -292,16 +297,6 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
             "pose_covariance_scale": pose_scale,
             "pose_coverage95_before": float((p2 <= CHI2_3_95).mean()) if p2.size else float("nan"),
             "pose_coverage95_after": float((p2 / pose_scale <= CHI2_3_95).mean()) if p2.size else float("nan")}
-
-
-def _run_frames(est: Estimator, frames: list):
-    """Run ``(sequence path, frame)`` pairs in order through ``est`` (reset at each new sequence)."""
-    last = None
-    for path, f in frames:
-        if path != last:
-            est.reset()
-            last = path
-        yield est.estimate(f.image, f.camera_model(), f.joints_measured, camera_from_base=f.T_camera_base), f
 
 
 def dumps(metrics: dict) -> str:
