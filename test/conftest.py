@@ -8,6 +8,8 @@ ROS_DOMAIN_ID is per process unless POSE_ESTIMATOR_TEST_DOMAIN_ID is set.
 
 import os
 
+import pytest
+
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
@@ -19,3 +21,11 @@ os.environ["ROS_DOMAIN_ID"] = os.environ.get(
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "ros: needs rclpy and the built ROS messages")
+
+
+@pytest.fixture(scope="module")
+def panda():
+    """The Panda robot model (URDF + keypoint YAML), loaded once per test module."""
+    from pose_estimator.robot import RobotModel
+
+    return RobotModel.from_yaml("panda")

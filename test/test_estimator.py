@@ -9,18 +9,12 @@ from pose_estimator.estimator import Estimator, kinematic_roi
 from pose_estimator.geometry import CameraModel
 from pose_estimator.model_io import ModelFormatError, load_model, save_model
 from pose_estimator.network import HeatmapNet, HeatmapNetConfig
-from pose_estimator.robot import RobotModel
 
 
 @pytest.fixture(scope="module")
-def robot():
-    return RobotModel.from_yaml("panda")
-
-
-@pytest.fixture(scope="module")
-def tiny_net(robot):
+def tiny_net(panda):
     torch.manual_seed(0)
-    return HeatmapNet(HeatmapNetConfig(num_keypoints=robot.num_keypoints, input_size=(64, 64), base_width=4, depth=2))
+    return HeatmapNet(HeatmapNetConfig(num_keypoints=panda.num_keypoints, input_size=(64, 64), base_width=4, depth=2))
 
 
 @pytest.fixture
@@ -28,10 +22,10 @@ def camera():
     return CameraModel(np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]]), 640, 480)
 
 
-def test_model_round_trip_and_bad_files(tmp_path, robot, tiny_net):
-    p = save_model(tmp_path / "m.safetensors", tiny_net, robot="panda", keypoint_names=robot.keypoint_names)
+def test_model_round_trip_and_bad_files(tmp_path, panda, tiny_net):
+    p = save_model(tmp_path / "m.safetensors", tiny_net, robot="panda", keypoint_names=panda.keypoint_names)
     net, info = load_model(p)
-    assert info["robot"] == "panda" and info["keypoint_names"] == robot.keypoint_names
+    assert info["robot"] == "panda" and info["keypoint_names"] == panda.keypoint_names
     for k, v in tiny_net.state_dict().items():
         assert torch.equal(v, net.state_dict()[k])
     with pytest.raises(FileNotFoundError):
@@ -53,32 +47,32 @@ def test_model_round_trip_and_bad_files(tmp_path, robot, tiny_net):
         load_model(tmp_path / "other.safetensors")
 
 
-def test_estimator_rejects_bad_input(robot, tiny_net, camera):
-    est = Estimator(robot, tiny_net, EstimatorConfig())
-    q = np.zeros(robot.n_joints)
+def test_estimator_rejects_bad_input(panda, tiny_net, camera):
+    est = Estimator(panda, tiny_net, EstimatorConfig())
+    q = np.zeros(panda.n_joints)
     with pytest.raises(ValueError, match="non-empty"):
         est.estimate(np.zeros((0, 0, 3), np.uint8), camera, q)
     with pytest.raises(ValueError, match="camera info says"):
         est.estimate(np.zeros((100, 100, 3), np.uint8), camera, q)
     with pytest.raises(ValueError, match="NaN"):
-        est.estimate(np.zeros((480, 640, 3), np.uint8), camera, np.full(robot.n_joints, np.nan))
+        est.estimate(np.zeros((480, 640, 3), np.uint8), camera, np.full(panda.n_joints, np.nan))
     with pytest.raises(ValueError, match="expected"):
         est.estimate(np.zeros((480, 640, 3), np.uint8), camera, np.zeros(3))
     with pytest.raises(ValueError, match="keypoints"):
-        Estimator(robot, HeatmapNet(HeatmapNetConfig(num_keypoints=3, input_size=(64, 64), base_width=4, depth=2)))
+        Estimator(panda, HeatmapNet(HeatmapNetConfig(num_keypoints=3, input_size=(64, 64), base_width=4, depth=2)))
 
 
-def test_untrained_network_gives_no_confident_pose(robot, tiny_net, camera):
+def test_untrained_network_gives_no_confident_pose(panda, tiny_net, camera):
     """Flat heat maps: the estimator must not publish a tight pose."""
-    est = Estimator(robot, tiny_net, EstimatorConfig())
-    q = robot.random_configuration(1, generator=torch.Generator().manual_seed(1))[0].numpy()
+    est = Estimator(panda, tiny_net, EstimatorConfig())
+    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(1))[0].numpy()
     T_cb = np.eye(4)
     T_cb[:3, 3] = [0, 0.2, 1.8]
     T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])  # camera looking along base +x
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
     e = est.estimate(img, camera, q, camera_from_base=T_cb)
-    assert e.keypoints.shape == (robot.num_keypoints, 2)
+    assert e.keypoints.shape == (panda.num_keypoints, 2)
     assert np.allclose(e.keypoint_covariance, np.swapaxes(e.keypoint_covariance, 1, 2))
     # With the extrinsic and the joint prior, an estimate from uninformative heat maps may converge, but
     # only onto the kinematic pose with the priors' uncertainty: never somewhere else with confidence.
@@ -89,17 +83,17 @@ def test_untrained_network_gives_no_confident_pose(robot, tiny_net, camera):
         assert np.sqrt(np.linalg.eigvalsh(e.covariance[:3, :3]).max()) > 0.003
 
 
-def test_an_observation_solves_again_under_other_factors(robot, tiny_net, camera):
+def test_an_observation_solves_again_under_other_factors(panda, tiny_net, camera):
     """observe() + solve() is estimate(); the observation keeps the network's own covariance, so solving
     it under other calibration factors gives what estimate() gives under them (what calibrate relies on)."""
-    q = robot.random_configuration(1, generator=torch.Generator().manual_seed(2))[0].numpy()
+    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(2))[0].numpy()
     T_cb = np.eye(4)
     T_cb[:3, 3] = [0, 0.2, 1.8]
     T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
     img = np.random.default_rng(3).integers(0, 255, (480, 640, 3), dtype=np.uint8)
-    est = Estimator(robot, tiny_net, EstimatorConfig(track_camera=False))
+    est = Estimator(panda, tiny_net, EstimatorConfig(track_camera=False))
     obs = est.observe(img, camera, q, camera_from_base=T_cb)
-    assert obs.seed_source == "extrinsic" and obs.keypoints.shape == (robot.num_keypoints, 2)
+    assert obs.seed_source == "extrinsic" and obs.keypoints.shape == (panda.num_keypoints, 2)
     for variance, joint_prior in ((1.0, 1.0), (0.3, 0.5), (4.0, 1.4)):
         est.model_variance_scale, est.joint_prior_scale = variance, joint_prior
         a, b = est.estimate(img, camera, q, camera_from_base=T_cb), est.solve(obs)
@@ -125,9 +119,9 @@ def test_kinematic_roi():
 
 
 
-def test_estimator_runs_the_network_with_batch_norm_folded(robot):
+def test_estimator_runs_the_network_with_batch_norm_folded(panda):
     torch.manual_seed(0)
-    net = HeatmapNet(HeatmapNetConfig(input_size=(64, 64), base_width=8, depth=2, num_keypoints=robot.num_keypoints))
+    net = HeatmapNet(HeatmapNetConfig(input_size=(64, 64), base_width=8, depth=2, num_keypoints=panda.num_keypoints))
     for m in net.modules():  # statistics and affine terms far from the identity
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_()
@@ -136,7 +130,7 @@ def test_estimator_runs_the_network_with_batch_norm_folded(robot):
             m.bias.data.normal_()
     net.eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    est = Estimator(robot, net)
+    est = Estimator(panda, net)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in est.net.modules())
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():

@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from pose_estimator.network import HeatmapNetConfig
-from pose_estimator.robot import RobotModel
 from pose_estimator.training import TrainConfig, TrainingData, load_checkpoint, train
 from pose_estimator.training.packed import PackedData, is_pack, pack_datasets
 
 NET = dict(input_size=(64, 64), base_width=8, depth=2, stride=2)
-
-
-@pytest.fixture(scope="module")
-def robot():
-    return RobotModel.from_yaml("panda")
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +26,27 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pack(dataset, robot, tmp_path_factory):
+def pack(dataset, panda, tmp_path_factory):
     out = tmp_path_factory.mktemp("pack") / "p"
     # lossless-looking JPEG so that only the second resampling separates the two paths
-    meta = pack_datasets([dataset], robot, out, size=96, context=1.5, full_size=64, quality=100, full_quality=100,
+    meta = pack_datasets([dataset], panda, out, size=96, context=1.5, full_size=64, quality=100, full_quality=100,
                          image_format="jpg", workers=1, progress=False)
     return out, meta
 
 
-def test_pack_describes_itself_and_holds_plain_arrays(pack, robot):
+def test_pack_describes_itself_and_holds_plain_arrays(pack, panda):
     out, meta = pack
     assert is_pack(out)
     assert json.loads((out / "pack.json").read_text()) == meta
-    assert meta["frames"] == 8 and meta["sequences"] == 2 and meta["keypoint_names"] == robot.keypoint_names
+    assert meta["frames"] == 8 and meta["sequences"] == 2 and meta["keypoint_names"] == panda.keypoint_names
     with np.load(out / "pack.npz", allow_pickle=False) as z:  # no object arrays: loading runs no code
-        assert z["kp_img"].shape == (8, robot.num_keypoints, 2)
+        assert z["kp_img"].shape == (8, panda.num_keypoints, 2)
         assert z["arm_offsets"][-1] == z["arm"].size
 
 
-def test_packed_batch_matches_the_dataset_crop(dataset, pack, robot):
-    td = TrainingData([dataset], robot, (64, 64), 2)
-    pd = PackedData([pack[0]], robot, (64, 64), 2)
+def test_packed_batch_matches_the_dataset_crop(dataset, pack, panda):
+    td = TrainingData([dataset], panda, (64, 64), 2)
+    pd = PackedData([pack[0]], panda, (64, 64), 2)
     rng = np.random.default_rng(0)
     for j in range(len(td)):
         s = td.load(j, rng, augment=False)
@@ -69,13 +63,13 @@ def test_packed_batch_matches_the_dataset_crop(dataset, pack, robot):
         assert np.abs(a - c).mean() * 0.25 * 255 < 10.0
 
 
-def test_packed_batches_are_deterministic_and_augmented(pack, robot):
-    pd = PackedData([pack[0]], robot, (64, 64), 2)
+def test_packed_batches_are_deterministic_and_augmented(pack, panda):
+    pd = PackedData([pack[0]], panda, (64, 64), 2)
     draw = lambda seed: pd.batch(pd.sample_pairs(np.random.default_rng(seed), 8), np.random.default_rng(seed))
     a, b, c = draw(1), draw(1), draw(2)
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["kp_hm"], b["kp_hm"])
     assert not torch.equal(a["image"], c["image"])
-    assert a["image"].shape == (16, 3, 64, 64) and a["kp_hm"].shape == (16, robot.num_keypoints, 2)
+    assert a["image"].shape == (16, 3, 64, 64) and a["kp_hm"].shape == (16, panda.num_keypoints, 2)
     # pairs: two frames of one sequence each
     assert all(a["seq"][2 * i] == a["seq"][2 * i + 1] for i in range(8))
     assert (a["kp_weight"] > 0).sum() > 16 * 4
@@ -112,21 +106,21 @@ def test_training_from_a_pack_resumes_exactly_and_stops_at_its_time_limit(pack, 
     assert load_checkpoint(tmp_path / "lim" / "checkpoint.pt")["step"] == 2
 
 
-def test_a_keypoint_far_outside_a_distorted_image_leaves_the_gradient_finite(pack, robot):
+def test_a_keypoint_far_outside_a_distorted_image_leaves_the_gradient_finite(pack, panda):
     """The undistortion of a point far outside the image may not converge; its NaN must not reach the
     network through the solver loss (it did, in ~3 % of training steps)."""
     from pose_estimator.geometry import CameraModel, undistort_points
     from pose_estimator.solver import SolverConfig
     from pose_estimator.training.losses import pose_losses, soft_argmax_outputs
 
-    pd = PackedData([pack[0]], robot, (64, 64), 2)
+    pd = PackedData([pack[0]], panda, (64, 64), 2)
     b = pd.batch(pd.sample_pairs(np.random.default_rng(0), 2), np.random.default_rng(0), augment=False)
     b["dist"][:] = 0.0
     b["dist"][:, 0], b["dist"][:, 1] = -0.45, 0.25  # strong barrel distortion
-    logits = torch.full((4, robot.num_keypoints, 32, 32), -20.0, dtype=torch.float64)
+    logits = torch.full((4, panda.num_keypoints, 32, 32), -20.0, dtype=torch.float64)
     hm = torch.nan_to_num(b["kp_hm"], nan=16.0).round().long().clamp(0, 31)
     for i in range(4):
-        for k in range(robot.num_keypoints):
+        for k in range(panda.num_keypoints):
             logits[i, k, hm[i, k, 1], hm[i, k, 0]] = 0.0
     logits.requires_grad_(True)
     mean, cov = soft_argmax_outputs(logits, 1.0)
@@ -138,6 +132,6 @@ def test_a_keypoint_far_outside_a_distorted_image_leaves_the_gradient_finite(pac
     uv, c = keypoints_to_image(far[:1, 3:4].detach(), cov[:1, 3:4].detach(), b["affine"][:1])
     u, _ = undistort_points(uv, c, CameraModel(b["K"][0].numpy(), W, H, b["dist"][0].numpy()))
     assert not torch.isfinite(u).all()  # the case this test is about
-    lp, ld, _ = pose_losses(far, cov, b, robot, SolverConfig(max_iterations=10))
+    lp, ld, _ = pose_losses(far, cov, b, panda, SolverConfig(max_iterations=10))
     (lp + ld).backward()
     assert torch.isfinite(lp) and torch.isfinite(logits.grad).all()

@@ -11,11 +11,6 @@ from pose_estimator.robot import RobotDefinition, RobotModel
 D = torch.float64
 
 
-@pytest.fixture(scope="module")
-def panda():
-    return RobotModel.from_yaml("panda")
-
-
 def test_panda_definition_loads_from_the_resource_folder(panda):
     assert panda.definition.end_effector == "panda_hand"
     assert panda.num_keypoints == len(panda.keypoint_names) >= 10

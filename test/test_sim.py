@@ -36,11 +36,6 @@ def small_config(**overrides) -> GeneratorConfig:
 
 
 @pytest.fixture(scope="module")
-def panda():
-    return RobotModel.from_yaml("panda")
-
-
-@pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
     """A small dataset with bags, made through the CLI hook (as `pose-estimator generate` would)."""
     out = tmp_path_factory.mktemp("sim") / "ds"

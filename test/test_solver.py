@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pose_estimator.geometry import CameraModel, make_pose, project, rotation_angle, so3_exp, transform_points
-from pose_estimator.robot import RobotModel
 from pose_estimator.solver import SolverConfig, solve
 from pose_estimator.synthetic import add_keypoint_noise, look_at, perturb_pose, random_rigid_problem
 
@@ -21,11 +20,6 @@ def gen(seed=0):
 
 def trans_err(a, b):
     return (a[:, :3, 3] - b[:, :3, 3]).norm(dim=-1)
-
-
-@pytest.fixture(scope="module")
-def panda():
-    return RobotModel.from_yaml("panda")
 
 
 def test_rigid_recovers_known_poses_from_noisy_projections():

@@ -30,11 +30,6 @@ def dataset(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def robot():
-    return RobotModel.from_yaml("panda")
-
-
 class WithPrior(torch.nn.Module):
     """The network plus fixed logits peaked near the targets: the solver sees keypoints a few px off,
     as from a half-trained network, so every loss (the solver's too) has somewhere to go."""
@@ -48,29 +43,29 @@ class WithPrior(torch.nn.Module):
         return self.net(x) + self.prior
 
 
-def _losses(net, batch, robot, rigid):
+def _losses(net, batch, panda, rigid):
     logits = net(batch["image"])
     mean, cov = soft_argmax_outputs(logits, 1.0)
     hm = heatmap_loss(logits, batch["kp_hm"].float(), batch["kp_weight"].float(), 1.5)
     nll = keypoint_nll(mean, cov, batch["kp_hm"], batch["kp_weight"])
-    lp, ld, st = pose_losses(mean, cov, batch, robot, SolverConfig(max_iterations=15))
+    lp, ld, st = pose_losses(mean, cov, batch, panda, SolverConfig(max_iterations=15))
     return {"heatmap": hm, "keypoint_nll": nll, "pose": lp, "displacement": ld}, st
 
 
-def test_every_loss_decreases_and_gradients_pass_the_solver(dataset, robot):
+def test_every_loss_decreases_and_gradients_pass_the_solver(dataset, panda):
     from pose_estimator.keypoints import gaussian_targets
 
     torch.manual_seed(0)
-    data = TrainingData([dataset], robot, NET["input_size"], NET["stride"])
+    data = TrainingData([dataset], panda, NET["input_size"], NET["stride"])
     rng = np.random.default_rng(0)
     idx = data.sample_pairs(rng, 4, max_gap=2)
     batch = collate([data.load(j, rng, augment=False) for j in idx])
     hm_size = (NET["input_size"][0] // 2, NET["input_size"][1] // 2)
     off = torch.as_tensor(rng.normal(0, 1.5, batch["kp_hm"].shape))
     prior = torch.log(gaussian_targets(batch["kp_hm"] + off, hm_size, sigma=2.5, normalize=False) + 1e-3).float()
-    net = WithPrior(HeatmapNet(HeatmapNetConfig(num_keypoints=robot.num_keypoints, **NET)), prior)
-    rigid = robot.definition.rigid_indices()
-    before, st = _losses(net, batch, robot, rigid)
+    net = WithPrior(HeatmapNet(HeatmapNetConfig(num_keypoints=panda.num_keypoints, **NET)), prior)
+    rigid = panda.definition.rigid_indices()
+    before, st = _losses(net, batch, panda, rigid)
     assert st["pose_ok"] > 0, st
     net.zero_grad()
     before["pose"].backward(retain_graph=True)
@@ -82,12 +77,12 @@ def test_every_loss_decreases_and_gradients_pass_the_solver(dataset, robot):
     before = {k: float(v.detach()) for k, v in before.items()}
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     for _ in range(30):
-        terms, _ = _losses(net, batch, robot, rigid)
+        terms, _ = _losses(net, batch, panda, rigid)
         loss = terms["heatmap"] + 0.05 * terms["keypoint_nll"] + 0.05 * terms["pose"] + 0.05 * terms["displacement"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after, _ = _losses(net, batch, robot, rigid)
+    after, _ = _losses(net, batch, panda, rigid)
     after = {k: float(v.detach()) for k, v in after.items()}
     for k in before:
         assert after[k] < before[k], (k, before[k], after[k])
@@ -138,8 +133,6 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
         assert k in m
     assert m["frames"] == 4 and m["kinematic_pos_err_mm_median"] > 1.0
     by_kp = m["kp_err_px_median_by_keypoint"]  # where the keypoint error comes from, per keypoint
-    from pose_estimator.robot import RobotModel
-
     assert list(by_kp) == RobotModel.from_yaml("panda").keypoint_names
     assert all(v is None or v >= 0 for v in by_kp.values()) and any(v is not None for v in by_kp.values())
     assert (tmp_path / "plots" / "add_curve.png").is_file()
@@ -163,37 +156,37 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
     assert c["joint_prior_scale"] == (min(finite, key=finite.get) if finite else 1.0)
 
 
-def test_prior_model_starts_from_the_rgb_model_and_sees_the_kinematic_prior(dataset, robot, tmp_path):
+def test_prior_model_starts_from_the_rgb_model_and_sees_the_kinematic_prior(dataset, panda, tmp_path):
     """A network with kinematic-prior input channels seeded by an RGB-only one answers exactly as it
     did (the new inputs start at zero weight); its training inputs mark where kinematics puts each keypoint."""
     from pose_estimator.estimator import Estimator
     from pose_estimator.model_io import load_model, save_model
 
     torch.manual_seed(0)
-    rgb = HeatmapNet(HeatmapNetConfig(num_keypoints=robot.num_keypoints, **NET))
-    save_model(tmp_path / "rgb.safetensors", rgb, "panda", robot.keypoint_names)
+    rgb = HeatmapNet(HeatmapNetConfig(num_keypoints=panda.num_keypoints, **NET))
+    save_model(tmp_path / "rgb.safetensors", rgb, "panda", panda.keypoint_names)
     cfg = TrainConfig(data=[str(dataset)], out=str(tmp_path / "prior"), steps=0, batch_size=4, prior_sigma=2.0,
                       init_weights=str(tmp_path / "rgb.safetensors"), loader_threads=1, network=HeatmapNetConfig(**NET))
     train(cfg, progress=False)
     net, info = load_model(tmp_path / "prior" / "model.safetensors")
-    assert net.config.prior_channels == robot.num_keypoints and info["extra"]["prior_sigma"] == 2.0
+    assert net.config.prior_channels == panda.num_keypoints and info["extra"]["prior_sigma"] == 2.0
     w = net.stem[0][0].weight
     assert torch.equal(w[:, :3], rgb.stem[0][0].weight) and w[:, 3:].abs().sum() == 0
-    f = TrainingData([dataset], robot, NET["input_size"], NET["stride"]).datasets[0].sequences()[0].frame(2)
-    e_rgb = Estimator(robot, rgb).estimate(f.image, f.camera_model(), f.joints_measured,
+    f = TrainingData([dataset], panda, NET["input_size"], NET["stride"]).datasets[0].sequences()[0].frame(2)
+    e_rgb = Estimator(panda, rgb).estimate(f.image, f.camera_model(), f.joints_measured,
                                            camera_from_base=f.T_camera_base)
-    e_pri = Estimator(robot, net, model_info=info).estimate(f.image, f.camera_model(), f.joints_measured,
+    e_pri = Estimator(panda, net, model_info=info).estimate(f.image, f.camera_model(), f.joints_measured,
                                                             camera_from_base=f.T_camera_base)
     assert np.allclose(e_rgb.keypoints, e_pri.keypoints, atol=1e-4)
     # training inputs: RGB, then one map per keypoint peaking where kinematics puts it
-    data = TrainingData([dataset], robot, NET["input_size"], NET["stride"], prior_sigma=2.0)
+    data = TrainingData([dataset], panda, NET["input_size"], NET["stride"], prior_sigma=2.0)
     s = data.load(2, np.random.default_rng(0), augment=False)
-    assert s.image.shape == (3 + robot.num_keypoints, 64, 64)
+    assert s.image.shape == (3 + panda.num_keypoints, 64, 64)
     frame = data.datasets[0].sequences()[data.index[2][1]].frame(data.index[2][2])
-    uv_kin = kinematic_uv(frame, robot.keypoints_3d(torch.as_tensor(frame.joints_measured)[None])[0].numpy())
+    uv_kin = kinematic_uv(frame, panda.keypoints_3d(torch.as_tensor(frame.joints_measured)[None])[0].numpy())
     A_in = s.affine.copy()  # heat-map px -> image px; input px = stride * hm px + 0.5
     uv_in = ((uv_kin - A_in[:, 2]) @ np.linalg.inv(A_in[:, :2]).T) * 2 + 0.5
-    for k in range(robot.num_keypoints):
+    for k in range(panda.num_keypoints):
         if 1 <= uv_in[k, 0] <= 62 and 1 <= uv_in[k, 1] <= 62:
             r, c = divmod(int(s.image[3 + k].argmax()), 64)
             assert abs(c - uv_in[k, 0]) <= 0.5 + 1e-6 and abs(r - uv_in[k, 1]) <= 0.5 + 1e-6, (k, (c, r), uv_in[k])
