@@ -135,6 +135,11 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
     by_kp = m["kp_err_px_median_by_keypoint"]  # where the keypoint error comes from, per keypoint
     assert list(by_kp) == RobotModel.from_yaml("panda").keypoint_names
     assert all(v is None or v >= 0 for v in by_kp.values()) and any(v is not None for v in by_kp.values())
+    by_axis = m["ee_pos_err_mm_median_by_axis"]  # camera axes, z the line of sight
+    assert sorted(by_axis) == ["x", "y", "z"]
+    if m["published"] > 0:
+        assert all(v >= 0 for v in by_axis.values())
+        assert max(by_axis.values()) <= m["ee_pos_err_mm_p90"] + 1e-6
     assert (tmp_path / "plots" / "add_curve.png").is_file()
     # calibrating the keypoint variance writes the factor into the model; the estimator applies it
     rc = main(["calibrate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "3",

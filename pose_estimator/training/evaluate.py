@@ -70,6 +70,7 @@ class FrameResult:
     ms: float
     converged: bool
     kp_err_all: np.ndarray | None = None  # (K,) every keypoint's error, NaN where it is not visible
+    pos_err_xyz: np.ndarray | None = None  # (3,) estimated - true end-effector position, camera frame (m)
 
 
 def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None = None, extrinsic: str = "given",
@@ -108,8 +109,9 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
             kin = T_cb @ est.robot.ee_pose(q)[0].numpy()
             kin_err = float(np.linalg.norm(kin[:3, 3] - f.ee_pose_camera[:3, 3]))
             P_true = f.keypoints_3d @ f.T_camera_base[:3, :3].T + f.T_camera_base[:3, 3]
+            pos_err_xyz = e.pose[:3, 3] - f.ee_pose_camera[:3, 3]  # NaN where it did not converge
             if e.converged:
-                pos_err = float(np.linalg.norm(e.pose[:3, 3] - f.ee_pose_camera[:3, 3]))
+                pos_err = float(np.linalg.norm(pos_err_xyz))
                 rot_err = float(rotation_angle(torch.as_tensor(f.ee_pose_camera[:3, :3]), torch.as_tensor(e.pose[:3, :3])))
                 if e.joints is not None and e.camera_from_base is not None:
                     Pb = est.robot.keypoints_3d(torch.as_tensor(e.joints)[None])[0].numpy()
@@ -127,7 +129,7 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
             else:
                 pos_err = rot_err = add = mahal2 = float("nan")
             results.append(FrameResult(kp_err, kp_sigma, pos_err, rot_err, kin_err, add, mahal2, ms, e.converged,
-                                       kp_err_all))
+                                       kp_err_all, pos_err_xyz))
             if bar is not None:
                 bar.update(1)
         if done:
@@ -164,6 +166,12 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
         by_kp = np.nanmedian(per_kp, axis=0)
     out["kp_err_px_median_by_keypoint"] = {n: (round(float(v), 3) if np.isfinite(v) else None)
                                            for n, v in zip(est.robot.keypoint_names, by_kp)}
+    # along the camera's axes (z: the line of sight): a single camera sees depth worst
+    xyz = np.abs(np.stack([r.pos_err_xyz for r in results])) * 1e3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no converged frame: all NaN
+        out["ee_pos_err_mm_median_by_axis"] = {a: round(float(v), 3) if np.isfinite(v) else None
+                                               for a, v in zip("xyz", np.nanmedian(xyz, axis=0))}
     out["improvement_vs_kinematics"] = (out["kinematic_pos_err_mm_median"] / out["ee_pos_err_mm_median"]
                                         if out["ee_pos_err_mm_median"] > 0 else float("nan"))
     if plots_dir is not None:
