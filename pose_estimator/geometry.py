@@ -215,7 +215,7 @@ def distort_normalized(xy: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
 
 
 def undistort_points(uv: torch.Tensor, cov: torch.Tensor | None, camera: CameraModel,
-                     iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     iterations: int = 20, max_residual_px: float = 0.01) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Map distorted pixels to the ideal pinhole image of the same K.
 
     Args:
@@ -229,6 +229,10 @@ def undistort_points(uv: torch.Tensor, cov: torch.Tensor | None, camera: CameraM
         the distortion map (``A Σ Aᵀ``, ``A = (∂distort/∂x)⁻¹`` in pixels).
         Differentiable in ``uv`` and ``cov``: the fixed-point inversion runs
         without gradient, then one Newton step re-attaches the graph.
+        A point the lens model cannot be inverted at (the model folds over there,
+        far outside the image, or no point distorts to within ``max_residual_px``
+        of it) comes back NaN, with a NaN covariance: unknown, never a wrong
+        place. The solver and the losses leave such points out.
     """
     if not camera.has_distortion:
         return uv, cov
@@ -249,11 +253,20 @@ def undistort_points(uv: torch.Tensor, cov: torch.Tensor | None, camera: CameraM
     jx = (distort_normalized(x + ex, dist) - distort_normalized(x - ex, dist)) / (2 * h)
     jy = (distort_normalized(x + ey, dist) - distort_normalized(x - ey, dist)) / (2 * h)
     Jd = torch.stack([jx, jy], -1)  # (..., 2, 2) d(distorted)/d(x)
-    Jinv = torch.linalg.inv(Jd)
+    # Where the lens model folds over (far outside the image a polynomial distortion turns back) the map
+    # has no local inverse: its Jacobian is singular or flips orientation. Those points stay unknown.
+    det = Jd[..., 0, 0] * Jd[..., 1, 1] - Jd[..., 0, 1] * Jd[..., 1, 0]
+    ok = torch.isfinite(det) & (det > 1e-9)
+    eye = torch.eye(2, dtype=uv.dtype, device=uv.device)
+    Jinv = torch.linalg.inv(torch.where(ok[..., None, None], Jd, eye))
     x = x + (Jinv @ (target - distort_normalized(x, dist))[..., None])[..., 0]
-    uv_ideal = x * f + c
+    with torch.no_grad():  # no solution (the iteration did not converge): unknown too
+        ok = ok & ((distort_normalized(x, dist) - target) * f).norm(dim=-1).lt(max_residual_px)
+    nan = torch.full_like(x, float("nan"))
+    uv_ideal = torch.where(ok[..., None], x * f + c, nan)
     if cov is None:
         return uv_ideal, None
     # pixel -> normalised (1/f) -> undistort (Jinv) -> pixel (f)
     A = f[:, None] * Jinv / f[None, :]
+    A = torch.where(ok[..., None, None], A, torch.full_like(A, float("nan")))
     return uv_ideal, A @ cov @ A.transpose(-1, -2)

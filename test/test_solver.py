@@ -143,6 +143,46 @@ def test_solver_undistorts_keypoints_with_the_camera_model():
     assert float(trans_err(ignoring.pose, prob.pose).median()) > 1e-3
 
 
+def test_undistortion_is_exact_or_unknown_where_the_lens_model_folds_over():
+    """Far outside the image a polynomial lens model turns back: there is no inverse (a singular Jacobian
+    there crashed a training run). Every point comes back either distorting to itself again or NaN (with a
+    NaN covariance), never an exception, never a wrong place; the solver leaves NaN keypoints out."""
+    from pose_estimator.geometry import distort_normalized, undistort_points
+
+    K = np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]])
+    dist = np.array([-0.45, 0.0, 0.0, 0.0, 0.0])  # strong barrel
+    cam = CameraModel(K, 640, 480, dist)
+    # radially r -> r - 0.45 r^3: it peaks at r = 1/sqrt(1.35) (0.574 there, 287 px from the centre),
+    # so points farther out have no preimage, and the map folds over past the peak
+    f, c0, d = torch.tensor([500.0, 500.0], dtype=D), torch.tensor([320.0, 240.0], dtype=D), torch.as_tensor(dist)
+    r_peak = 1 / math.sqrt(1.35)
+    peak = distort_normalized(torch.tensor([[r_peak, 0.0], [0.0, -r_peak]], dtype=D), d) * f + c0
+    xs = np.linspace(-3000, 3000, 121)
+    grid = torch.as_tensor(np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2) + [320, 240], dtype=D)
+    uv = torch.cat([grid, peak])[None]
+    cov = torch.eye(2, dtype=D).expand(1, uv.shape[1], 2, 2) * 4.0
+    u, c = undistort_points(uv, cov, cam)  # the peak: a singular Jacobian, no exception
+    ok = torch.isfinite(u).all(-1)[0]
+    assert bool(ok.any()) and not bool(ok.all())
+    assert bool(torch.isfinite(c[0, ok]).all()) and not bool(torch.isfinite(c[0, ~ok]).any())
+    back = distort_normalized((u[0, ok] - c0) / f, d) * f + c0
+    assert float((back - uv[0, ok]).norm(dim=-1).max()) < 0.01
+    assert bool(ok[(uv[0] - c0).norm(dim=-1) < 250].all())  # well inside the fold, always invertible
+    assert not bool(ok[(uv[0] - c0).norm(dim=-1) > 300].any())  # beyond the peak: nothing maps there
+    # the solver leaves the unknown keypoints out and solves from the others
+    g = gen(9)
+    prob = random_rigid_problem(1, 12, generator=g, width=640, height=480)
+    cam2 = CameraModel(prob.K.numpy(), 640, 480, dist)
+    rvec = cv2.Rodrigues(prob.pose[0, :3, :3].numpy())[0]
+    img = cv2.projectPoints(prob.points[0].numpy(), rvec, prob.pose[0, :3, 3].numpy(), prob.K.numpy(), dist)[0]
+    kp = torch.as_tensor(img[:, 0])[None].clone()
+    kp[0, :2] = torch.tensor([[5000.0, 4000.0], [-4000.0, 240.0]], dtype=D)  # no preimage
+    sol = solve("rigid", kp, torch.eye(2, dtype=D).expand(1, 12, 2, 2) * 0.25, cam2, points=prob.points,
+                initial_pose=perturb_pose(prob.pose, 0.02, 0.03, generator=g))
+    assert bool(sol.converged[0]) and not bool(sol.inliers[0, :2].any())
+    assert float(trans_err(sol.pose, prob.pose)[0]) < 1e-5
+
+
 def _panda_scene(panda, B, g, joint_offset_deg=1.0):
     q_true = panda.random_configuration(B, generator=g, margin=0.2)
     q_true[:, 7:] = 0.02
