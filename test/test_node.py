@@ -450,6 +450,45 @@ def _alive(node, feed, k=2):
     feed.frame(k, node)
     assert c.poses_published + c.poses_rejected == before + 1
     assert node._worker.is_alive() and c.internal_errors == 0
+    assert node._solver_thread is None or node._solver_thread.is_alive()
+
+
+def test_the_pipeline_changes_when_the_work_is_done_not_what_comes_out(graph, model_file, recording):
+    """With ``pipeline`` the network of a frame runs in one thread and its solver in another; the same frames
+    give the same keypoints, statuses and poses as one thread doing both (the seed is the extrinsic)."""
+    out = {}
+    for pipeline in (True, False):
+        name = f"pe_pipe_{int(pipeline)}"
+        node = _start_node(graph, model_file, name, [("use_robot_description_topic", False),
+                                                     ("camera_extrinsic_from_tf", True),
+                                                     ("pipeline", pipeline)], prefix=f"/{name}_in")
+        assert (node._solver_thread is not None) == pipeline
+        feed = _Feeder(graph, f"{name}_feed", recording, f"/{name}_in")
+        got = {"status": Collector(), "kp": Collector(), "pose": Collector()}
+        feed.node.create_subscription(EstimateStatus, f"/{name}/status", got["status"], 10)
+        feed.node.create_subscription(KeypointArray, f"/{name}/keypoints", got["kp"], 10)
+        feed.node.create_subscription(PoseWithCovarianceStamped, f"/{name}/pose", got["pose"], 10)
+        feed.tf_static()
+        assert wait_for(lambda: node.static_tf.lookup("camera_optical_frame", "panda_link0") is not None, 10)
+        assert wait_for(lambda: node.status_pub.get_subscription_count() > 0 and node.pose_pub.get_subscription_count() > 0
+                        and node.keypoints_pub.get_subscription_count() > 0)
+        for k in range(3):
+            feed.frame(k, node)
+        assert wait_for(lambda: len(got["status"]) == 3 and len(got["kp"]) == 3, 10)
+        c = node.counters
+        assert c.internal_errors == 0 and node.frames_finished == c.frames_processed == 3
+        out[pipeline] = {k: v.snapshot() for k, v in got.items()}
+        graph.remove(node)
+    a, b = out[True], out[False]
+    for sa, sb in zip(a["status"], b["status"]):
+        assert (sa.converged, sa.iterations, sa.message) == (sb.converged, sb.iterations, sb.message)
+        assert sa.residual == pytest.approx(sb.residual, rel=1e-9, nan_ok=True)
+    for ka, kb in zip(a["kp"], b["kp"]):
+        np.testing.assert_allclose([(k.x, k.y) for k in ka.keypoints], [(k.x, k.y) for k in kb.keypoints])
+    assert len(a["pose"]) == len(b["pose"])
+    for pa, pb in zip(a["pose"], b["pose"]):
+        np.testing.assert_allclose(pa.pose.covariance, pb.pose.covariance, rtol=1e-9)
+        assert pa.pose.pose.position.z == pytest.approx(pb.pose.pose.position.z, rel=1e-9)
 
 
 def test_no_camera_info_yet_skips_frames_and_says_so(bad):
