@@ -534,7 +534,10 @@ class PoseEstimatorNode(Node):
         self._set_threads()
         while True:
             with self._cv:
-                while not self._stop and self._pending_frame is None and self._pending_urdf is None:
+                # With the pipeline, a frame is taken only once the solver has taken the one before: a frame
+                # seen by the network must not wait out a whole solve while newer frames arrive.
+                while not self._stop and self._pending_urdf is None and (
+                        self._pending_frame is None or (self._solver_thread is not None and self._observed is not None)):
                     self._cv.wait(0.5)
                 if self._stop:
                     return
