@@ -87,8 +87,7 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
                          "OpenMP and starve message delivery on small CPUs. Raise it on a large CPU.", True,
                       (0, 256)),
     "pipeline": (True, "Two worker threads: the network of one frame runs while the solver finishes the one "
-                       "before (more poses per second where there are cores to spare; the same latency). "
-                       "False: one thread does both.", True, None),
+                       "before, for more poses per second. False: one thread does both.", True, None),
     "image_transport": ("raw", "'raw' subscribes to 'image' (sensor_msgs/Image); 'compressed' to "
                                "'image/compressed' (sensor_msgs/CompressedImage).", True, None),
     "image_qos": ("sensor_data", "QoS of the image and camera_info subscriptions: 'sensor_data' (best effort, the ROS "
