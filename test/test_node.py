@@ -462,7 +462,7 @@ def test_the_pipeline_changes_when_the_work_is_done_not_what_comes_out(graph, mo
         node = _start_node(graph, model_file, name, [("use_robot_description_topic", False),
                                                      ("camera_extrinsic_from_tf", True),
                                                      ("pipeline", pipeline)], prefix=f"/{name}_in")
-        assert (node._solver_thread is not None) == pipeline
+        assert (node._solver_thread is not None) == pipeline and _diag(node)["pipeline"] == pipeline
         feed = _Feeder(graph, f"{name}_feed", recording, f"/{name}_in")
         got = {"status": Collector(), "kp": Collector(), "pose": Collector()}
         feed.node.create_subscription(EstimateStatus, f"/{name}/status", got["status"], 10)

@@ -852,6 +852,7 @@ class PoseEstimatorNode(Node):
             "converged": bool(status.converged) if status is not None else False,
             "joint_age_ms": self._last_joint_age_s * 1e3,
             "mode": self.config.mode,
+            "pipeline": self._solver_thread is not None,
             "model": str(self.model_path),
             "robot_model": self._urdf_source if ready else "waiting for robot_description",
             "last_problem": text if outcome != "ok" else "",
