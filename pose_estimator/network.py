@@ -92,8 +92,8 @@ class HeatmapNet(nn.Module):
         """A copy for inference with every batch norm folded into the convolution before it.
 
         Uses the running statistics (eval mode), so the outputs are the same up to float rounding,
-        with one pass over each feature map fewer: a few per cent less time per frame on a 2-core
-        CPU (``benchmarks/inference.py`` times both: ``fold_speedup``).
+        with one pass over each feature map fewer. On a 2-core CPU the gain is small, 0.98-1.09x
+        across runs (``benchmarks/inference.py`` times both: ``fold_speedup``).
         The copy is for running, not training or saving (its layers differ from the model file's).
         """
         net = copy.deepcopy(self).eval()

@@ -118,7 +118,6 @@ def test_kinematic_roi():
     assert kinematic_roi(np.array([[-900.0, -900], [-800, -850]]), 640, 480, 0.25, 1.0) is None
 
 
-
 def test_estimator_runs_the_network_with_batch_norm_folded(panda):
     torch.manual_seed(0)
     net = HeatmapNet(HeatmapNetConfig(input_size=(64, 64), base_width=8, depth=2, num_keypoints=panda.num_keypoints))

@@ -109,7 +109,8 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
             kin = T_cb @ est.robot.ee_pose(q)[0].numpy()
             kin_err = float(np.linalg.norm(kin[:3, 3] - f.ee_pose_camera[:3, 3]))
             P_true = f.keypoints_3d @ f.T_camera_base[:3, :3].T + f.T_camera_base[:3, 3]
-            pos_err_xyz = e.pose[:3, 3] - f.ee_pose_camera[:3, 3]  # NaN where it did not converge
+            # a refused pose counts in no error figure (the solver may still hand back a finite one)
+            pos_err_xyz = (e.pose[:3, 3] - f.ee_pose_camera[:3, 3]) if e.converged else np.full(3, np.nan)
             if e.converged:
                 pos_err = float(np.linalg.norm(pos_err_xyz))
                 rot_err = float(rotation_angle(torch.as_tensor(f.ee_pose_camera[:3, :3]), torch.as_tensor(e.pose[:3, :3])))
