@@ -60,7 +60,27 @@ def so3_exp(w: torch.Tensor) -> torch.Tensor:
 
 
 def so3_log(R: torch.Tensor) -> torch.Tensor:
-    """Rotation matrix (..., 3, 3) -> rotation vector (..., 3), angle in [0, pi]."""
+    """Rotation matrix (..., 3, 3) -> rotation vector (..., 3), angle in [0, pi].
+
+    From the skew part of R (sin of the angle times the axis) and its trace (cos),
+    with the Taylor series near zero so the gradient at the identity is finite; within
+    ~8 degrees of a half turn, where the skew part vanishes, from the quaternion instead.
+    """
+    c = 0.5 * (R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1)
+    v = 0.5 * torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    s2 = (v * v).sum(-1)
+    small = s2 < 1e-12
+    s = torch.where(small, torch.ones_like(s2), s2).sqrt()
+    # angle / sin(angle); below 1e-6 rad its series 1 + angle^2 / 6 (angle^2 ~ s2 there)
+    scale = torch.where(small, 1 + s2 / 6, torch.atan2(s, c) / s)
+    w = v * scale[..., None]
+    near_pi = c < -0.99
+    if bool(near_pi.any()):
+        w = torch.where(near_pi[..., None], _so3_log_quaternion(R), w)
+    return w
+
+
+def _so3_log_quaternion(R: torch.Tensor) -> torch.Tensor:
     q = quaternion_from_matrix(R)  # (x, y, z, w), w >= 0
     v, w = q[..., :3], q[..., 3:]
     n = v.norm(dim=-1, keepdim=True)

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from .geometry import CameraModel, make_pose, skew, so3_exp, undistort_points
+from .geometry import CameraModel, make_pose, skew, so3_exp, so3_log, undistort_points
 
 __all__ = ["SolverConfig", "PoseSolution", "solve", "robust_weight"]
 
@@ -239,22 +239,28 @@ class _Articulated(_Problem):
         dp = torch.cat([eye, -skew(pc - t[:, None]), dq_cols], -1)
         return uv, z, dpi @ dp
 
+    def _prior_jacobian(self, B, dtype, device):
+        # constant: built once per problem (the solver asks for it at every step)
+        if getattr(self, "_pJ", None) is None:
+            J = torch.zeros(B, self.n, self.n_params, dtype=dtype, device=device)
+            J[:, :, 6:] = torch.diag(1 / self.sigma)
+            if self.camera_prior is not None:
+                Jc = torch.zeros(B, 6, self.n_params, dtype=dtype, device=device)
+                Jc[:, :, :6] = self.camera_prior[2]  # first-order: d log(Exp(w) R R0^T) / dw ~ I near the prior
+                J = torch.cat([J, Jc], 1)
+            self._pJ = J
+        return self._pJ
+
     def prior(self, state):
         R, t, dq = state
-        B = dq.shape[0]
+        J = self._prior_jacobian(dq.shape[0], dq.dtype, dq.device)
         r = dq / self.sigma
-        J = torch.zeros(B, self.n, self.n_params, dtype=dq.dtype, device=dq.device)
-        J[:, :, 6:] = torch.diag(1 / self.sigma)
         if self.camera_prior is None:
             return r, J
         R0, t0, L = self.camera_prior
-        from .geometry import so3_log
-
         e = torch.cat([t - t0, so3_log(R @ R0.transpose(-1, -2))], -1)
         rc = (L @ e[..., None])[..., 0]
-        Jc = torch.zeros(B, 6, self.n_params, dtype=dq.dtype, device=dq.device)
-        Jc[:, :, :6] = L  # first-order: d log(Exp(w) R R0^T) / dw ~ I near the prior
-        return torch.cat([r, rc], 1), torch.cat([J, Jc], 1)
+        return torch.cat([r, rc], 1), J
 
     def retract(self, state, dx):
         R, t, dq = state
@@ -281,7 +287,13 @@ class _Articulated(_Problem):
 
 
 # --------------------------------------------------------------------------- engine
-def _normal_equations(problem, state, uv, info, valid, cfg):
+def _linearize(problem, state, uv, info, valid, cfg):
+    """The cost at ``state`` and the Gauss-Newton normal equations there, from one pass of the model.
+
+    Returns ``(H, g, r, s, z, cost)``: H (B, P, P), g (B, P), residuals r (B, K, 2), squared
+    Mahalanobis distances s (B, K), depths z (B, K), robust cost (B,) (inf where a valid
+    keypoint falls behind the camera or the cost is not finite).
+    """
     pred, z, J = problem.jacobian(state)
     r = pred - uv  # (B, K, 2)
     s = (r[..., None, :] @ info @ r[..., None])[..., 0, 0]
@@ -294,26 +306,29 @@ def _normal_equations(problem, state, uv, info, valid, cfg):
     pr, pJ = problem.prior(state)
     H = H + pJ.transpose(-1, -2) @ pJ
     g = g + (pJ.transpose(-1, -2) @ pr[..., None])[..., 0]
-    return H, g, r, s, z
-
-
-def _cost(problem, state, uv, info, valid, cfg):
-    pred, z = problem.predict(state)
-    r = pred - uv
-    s = (r[..., None, :] @ info @ r[..., None])[..., 0, 0]
-    rho, _ = robust_weight(s, cfg.robust_loss, cfg.robust_scale)
-    pr, _ = problem.prior(state)
     cost = (rho * valid).sum(1) + (pr * pr).sum(1)
     behind = ((z < cfg.min_depth) & (valid > 0)).any(1)
-    return torch.where(behind | ~torch.isfinite(cost), torch.full_like(cost, math.inf), cost)
+    cost = torch.where(behind | ~torch.isfinite(cost), torch.full_like(cost, math.inf), cost)
+    return H, g, r, s, z, cost
+
+
+def _normal_equations(problem, state, uv, info, valid, cfg):
+    return _linearize(problem, state, uv, info, valid, cfg)[:5]
 
 
 def _lm(problem, state, uv, info, valid, cfg, active):
-    """Batched Levenberg-Marquardt with a damping factor per problem."""
+    """Batched Levenberg-Marquardt with a damping factor per problem.
+
+    Each trial step is linearised where it lands, in the same pass that gives its cost
+    (the model, forward kinematics included, is the expensive part): an accepted step's
+    normal equations are the next iteration's. Returns the final state, the iterations,
+    whether each problem stopped, and :func:`_linearize`'s output at the final state.
+    """
     B = uv.shape[0]
     dtype, device = uv.dtype, uv.device
     lam = torch.full((B,), cfg.lambda_init, dtype=dtype, device=device)
-    cost = _cost(problem, state, uv, info, valid, cfg)
+    lin = _linearize(problem, state, uv, info, valid, cfg)
+    cost = lin[5]
     done = ~active
     iters = torch.zeros(B, dtype=torch.long, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -321,18 +336,21 @@ def _lm(problem, state, uv, info, valid, cfg, active):
     for _ in range(cfg.max_iterations):
         if bool(done.all()):
             break
-        H, g, *_ = _normal_equations(problem, state, uv, info, valid, cfg)
+        H, g = lin[0], lin[1]
         diag = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(1e-12)
         A = H + lam[:, None, None] * (torch.diag_embed(diag) + 1e-9 * eye)
         dx = -torch.linalg.solve(A, g[..., None])[..., 0]
         dx = torch.where(torch.isfinite(dx), dx, torch.zeros_like(dx))
         dx = dx * (~done)[:, None]
         cand = problem.retract(state, dx)
-        new_cost = _cost(problem, cand, uv, info, valid, cfg)
+        lin_c = _linearize(problem, cand, uv, info, valid, cfg)
+        new_cost = lin_c[5]
         # Accept ties too: near the optimum the cost stops changing in floating
         # point while an unrolled derivative is still converging.
         accept = (new_cost <= cost * (1 + 1e-13)) & ~done
-        state = tuple(torch.where(accept.view((B,) + (1,) * (c.ndim - 1)), c, s) for c, s in zip(cand, state))
+        pick = lambda c, s: torch.where(accept.view((B,) + (1,) * (c.ndim - 1)), c, s)  # noqa: E731
+        state = tuple(pick(c, s) for c, s in zip(cand, state))
+        lin = tuple(pick(c, s) for c, s in zip(lin_c, lin))
         rel = (cost - new_cost).abs() / cost.clamp_min(1e-30)
         small_step = dx.norm(dim=-1) < 1e-12 + cfg.tolerance ** 0.5 * 1e-2
         finished = ~done & ((accept & (rel < cfg.tolerance)) | small_step | (~accept & (lam > 1e10)))
@@ -341,7 +359,7 @@ def _lm(problem, state, uv, info, valid, cfg, active):
         iters = iters + (~done).long()
         stopped = stopped | finished
         done = done | finished
-    return state, iters, stopped
+    return state, iters, stopped, lin
 
 
 def _prepare_measurements(uv, cov, mask, cfg):
@@ -381,11 +399,11 @@ def _run(problem, state0, uv, cov, mask, cfg, extra_messages=None):
     enough = n_valid >= cfg.min_keypoints
     grad_on = torch.is_grad_enabled() and cfg.gradient != "none"
     if cfg.gradient == "unroll" and grad_on:
-        state, iters, stopped = _lm(problem, state0, uv_s, info, validf, cfg, enough)
+        state, iters, stopped, lin = _lm(problem, state0, uv_s, info, validf, cfg, enough)
     else:
         with torch.no_grad():
-            state, iters, stopped = _lm(problem, problem.detach(state0), uv_s.detach(), info.detach(),
-                                        validf, cfg, enough)
+            state, iters, stopped, lin = _lm(problem, problem.detach(state0), uv_s.detach(), info.detach(),
+                                             validf, cfg, enough)
         if cfg.gradient == "implicit" and grad_on:
             # One Gauss-Newton step from the detached optimum: zero in value,
             # the implicit-function derivative in gradient.
@@ -395,9 +413,12 @@ def _run(problem, state0, uv, cov, mask, cfg, extra_messages=None):
             dx = -torch.linalg.solve(H, g[..., None])[..., 0]
             dx = torch.where(enough[:, None], dx, torch.zeros_like(dx))
             state = problem.retract(state, dx)
+            lin = None  # moved (by zero in value, but not in floating point): linearise again
 
-    with torch.no_grad():
-        H, g, r, s, z = _normal_equations(problem, problem.detach(state), uv_s, info, validf, cfg)
+    if lin is None:
+        with torch.no_grad():
+            lin = _normal_equations(problem, problem.detach(state), uv_s, info, validf, cfg)
+    H, g, r, s, z = (v.detach() for v in lin[:5])
     eig = torch.linalg.eigvalsh(H)
     cond = eig[:, -1] / eig[:, 0].clamp_min(1e-300)
     well_posed = (eig[:, 0] > 0) & (cond < cfg.max_condition)

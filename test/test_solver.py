@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pose_estimator.geometry import CameraModel, make_pose, project, rotation_angle, so3_exp, transform_points
+from pose_estimator.geometry import (CameraModel, make_pose, project, quaternion_from_matrix, rotation_angle, so3_exp,
+                                     so3_log, transform_points)
 from pose_estimator.solver import SolverConfig, solve
 from pose_estimator.synthetic import add_keypoint_noise, look_at, perturb_pose, random_rigid_problem
 
@@ -20,6 +21,30 @@ def gen(seed=0):
 
 def trans_err(a, b):
     return (a[:, :3, 3] - b[:, :3, 3]).norm(dim=-1)
+
+
+@pytest.mark.parametrize("angle", [0.0, 1e-9, 1e-7, 1e-4, 0.3, 2.0, 3.1, 3.13, math.pi])
+def test_so3_log_inverts_so3_exp_at_every_angle(angle):
+    g = gen(3)
+    axis = torch.nn.functional.normalize(torch.randn(200, 3, dtype=D, generator=g), dim=-1)
+    R = so3_exp(axis * angle)
+    w = so3_log(R)
+    assert float((so3_exp(w) - R).abs().max()) < 1e-12
+    assert float((w.norm(dim=-1) - angle).abs().max()) < 1e-9
+    if angle < 3.0:  # below a half turn the vector itself is unique
+        assert float((w - axis * angle).abs().max()) < 1e-12
+    # the rotation vector agrees with the quaternion's half angle
+    q = quaternion_from_matrix(R)
+    assert torch.allclose(2 * torch.atan2(q[:, :3].norm(dim=-1), q[:, 3]), w.norm(dim=-1), atol=1e-9)
+
+
+def test_so3_log_gradient_is_the_identity_at_the_identity():
+    w = torch.zeros(4, 3, dtype=D, requires_grad=True)
+    J = torch.autograd.functional.jacobian(lambda x: so3_log(so3_exp(x)).sum(0), w)
+    assert torch.isfinite(J).all()
+    assert torch.allclose(J.permute(1, 0, 2), torch.eye(3, dtype=D).expand(4, 3, 3))
+    x = torch.full((2, 3), 0.4, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: so3_log(so3_exp(v)), (x,))
 
 
 def test_rigid_recovers_known_poses_from_noisy_projections():
