@@ -77,6 +77,9 @@ class Observation:
     keypoints_base: np.ndarray  # (K, 3) the keypoints where the measured joints put them, base frame
     ee_in_base: np.ndarray  # (4, 4) T_base_ee from the measured joints
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: the estimator's :meth:`Estimator.reset` count when it was made: a frame observed before a
+    #: reset and solved after it (the node's pipeline) must not set the tracked camera pose again
+    generation: int = 0
 
 
 def kinematic_roi(uv: np.ndarray, width: int, height: int, margin: float, aspect: float,
@@ -139,6 +142,7 @@ class Estimator:
         self.joint_prior_scale = float(extra.get("joint_prior_scale", 1.0))
         self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
+        self._generation = 0
 
     @classmethod
     def from_files(cls, model: str | Path, config: EstimatorConfig | None = None,
@@ -161,8 +165,12 @@ class Estimator:
         self.net(torch.zeros(1, 3 + c.prior_channels, *c.input_size, device=self.device))
 
     def reset(self) -> None:
-        """Forget the tracked camera-from-base (e.g. when a recording loops)."""
+        """Forget the tracked camera-from-base (e.g. when a recording loops).
+
+        Observations made before the reset and solved after it leave the tracking alone.
+        """
         self._camera_from_base = None
+        self._generation += 1
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -292,7 +300,7 @@ class Estimator:
         timings.update(ms)
         return Observation(keypoints=uv, keypoint_covariance=kcov, confidence=conf, roi=roi, joints=q,
                            camera=camera, camera_from_base=T_cb, seed_source=seed_source,
-                           keypoints_base=P_base, ee_in_base=T_be, timings_ms=timings)
+                           keypoints_base=P_base, ee_in_base=T_be, timings_ms=timings, generation=self._generation)
 
     def solve(self, obs: Observation, joint_sigma_scale: float = 1.0) -> Estimate:
         """The solver's half of :meth:`estimate`: keypoints of an :meth:`observe` call -> pose with covariance.
@@ -338,9 +346,10 @@ class Estimator:
                              config=cfg.solver)
         timings["solver"] = (time.perf_counter() - t0) * 1e3
         est = self._to_estimate(sol, uv, kcov, conf, roi, cfg.mode, kin_pose, seed_source)
-        if est.converged and cfg.track_camera and cfg.mode == "articulated":
+        track = est.converged and cfg.track_camera and obs.generation == self._generation
+        if track and cfg.mode == "articulated":
             self._camera_from_base = est.camera_from_base
-        elif est.converged and cfg.track_camera and cfg.mode == "rigid":
+        elif track and cfg.mode == "rigid":
             self._camera_from_base = est.pose @ np.linalg.inv(T_be)
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
         est.timings_ms = timings

@@ -109,6 +109,40 @@ def test_an_observation_solves_again_under_other_factors(panda, tiny_net, camera
     assert not np.allclose(est.solve(obs).covariance, c1)
 
 
+def test_a_frame_observed_before_a_reset_does_not_set_the_tracking_again(panda, tiny_net, camera):
+    """The node's pipeline solves frame N while the network sees N+1: when N+1 resets the tracking (a
+    recording looped), N's solution must not bring the old camera pose back as the next frames' seed."""
+    import dataclasses
+
+    from pose_estimator.geometry import project
+
+    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(4))[0].numpy()
+    T_cb = np.eye(4)
+    T_cb[:3, 3] = [0, 0.2, 1.8]
+    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    P = panda.keypoints_3d(torch.as_tensor(q)[None])[0].numpy() @ T_cb[:3, :3].T + T_cb[:3, 3]
+    uv = project(torch.as_tensor(camera.K)[None], torch.as_tensor(P)[None])[0].numpy()
+    img = np.zeros((480, 640, 3), np.uint8)
+    est = Estimator(panda, tiny_net, EstimatorConfig())
+
+    def observed():  # the network's keypoints replaced by the truth, so the solve converges
+        o = est.observe(img, camera, q, camera_from_base=T_cb)
+        n = panda.num_keypoints
+        return dataclasses.replace(o, keypoints=uv, keypoint_covariance=np.tile(np.eye(2), (n, 1, 1)),
+                                   confidence=np.ones(n))
+
+    assert est.solve(observed()).converged
+    assert est.observe(img, camera, q).seed_source == "tracked"
+    est.reset()
+    assert est.observe(img, camera, q).seed_source == ""
+    early = observed()
+    est.reset()
+    assert est.solve(early).converged
+    assert est.observe(img, camera, q).seed_source == ""  # not "tracked" from before the reset
+    assert est.solve(observed()).converged  # a frame after the reset tracks again
+    assert est.observe(img, camera, q).seed_source == "tracked"
+
+
 def test_kinematic_roi():
     uv = np.array([[100.0, 100], [200, 150], [np.nan, np.nan]])
     x0, y0, x1, y1 = kinematic_roi(uv, 640, 480, margin=0.25, aspect=1.0)
