@@ -140,10 +140,6 @@ class _Problem:
 
     n_params: int
 
-    def predict(self, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (projections (B, K, 2) px, depths (B, K))"""
-        raise NotImplementedError
-
     def jacobian(self, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (projections, depths, J (B, K, 2, P))"""
         raise NotImplementedError
@@ -184,10 +180,6 @@ class _Rigid(_Problem):
         R, t = state
         return self.points @ R.transpose(-1, -2) + t[:, None]
 
-    def predict(self, state):
-        uv, z, _ = _proj_jac(self.K, self._pc(state), self.min_depth)
-        return uv, z
-
     def jacobian(self, state):
         R, t = state
         pc = self._pc(state)
@@ -224,11 +216,6 @@ class _Articulated(_Problem):
         R, t, dq = state
         pb, Jb = self.robot.keypoints_and_jacobian(self.q0 + dq, jacobian=jac)
         return pb, Jb, pb @ R.transpose(-1, -2) + t[:, None]
-
-    def predict(self, state):
-        _, _, pc = self._pc(state, False)
-        uv, z, _ = _proj_jac(self.K, pc, self.min_depth)
-        return uv, z
 
     def jacobian(self, state):
         R, t, dq = state
