@@ -143,6 +143,48 @@ def test_a_frame_observed_before_a_reset_does_not_set_the_tracking_again(panda, 
     assert est.observe(img, camera, q).seed_source == "tracked"
 
 
+def test_only_a_trusted_frame_seeds_the_next(panda, tiny_net, camera):
+    """A frame whose pose comes out with metres of uncertainty (a lost frame) keeps the tracked camera
+    pose of the last trusted one, instead of seeding the following frames from wherever it landed."""
+    import dataclasses
+
+    from pose_estimator.geometry import project
+
+    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(5))[0].numpy()
+    T_cb = np.eye(4)
+    T_cb[:3, 3] = [0, 0.2, 1.8]
+    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    P = panda.keypoints_3d(torch.as_tensor(q)[None])[0].numpy() @ T_cb[:3, :3].T + T_cb[:3, 3]
+    uv = project(torch.as_tensor(camera.K)[None], torch.as_tensor(P)[None])[0].numpy()
+    img = np.zeros((480, 640, 3), np.uint8)
+    n = panda.num_keypoints
+    est = Estimator(panda, tiny_net, EstimatorConfig(camera_prior_sigma_m=0.0, track_max_sigma_m=0.1))
+
+    def solved(sigma_px, shift=0.0):
+        o = est.observe(img, camera, q, camera_from_base=T_cb)
+        o = dataclasses.replace(o, keypoints=uv + shift, keypoint_covariance=np.tile(np.eye(2) * sigma_px ** 2, (n, 1, 1)),
+                                confidence=np.ones(n))
+        e = est.solve(o)
+        assert e.converged, e.message
+        return e, float(np.sqrt(np.linalg.eigvalsh(e.covariance[:3, :3]).max()))
+
+    e, sd = solved(1.0)
+    assert sd < 0.1 and est.observe(img, camera, q).seed_source == "tracked"
+    trusted = est._camera_from_base.copy()
+    e, sd = solved(300.0, shift=40.0)  # the same keypoints, 40 px off, told 300 px: metres of uncertainty
+    assert sd > 0.1
+    np.testing.assert_allclose(est._camera_from_base, trusted)
+    est.reset()  # with no trusted seed yet, an uncertain frame's pose beats starting over from PnP
+    solved(300.0, shift=40.0)
+    lost = est._camera_from_base.copy()
+    assert not np.allclose(lost, trusted)
+    solved(1.0)  # and the first trusted frame replaces it
+    assert not np.allclose(est._camera_from_base, lost)
+    est.config.track_max_sigma_m = 0.0  # off: any converged frame seeds the next
+    solved(300.0, shift=40.0)
+    assert not np.allclose(est._camera_from_base, trusted)
+
+
 def test_kinematic_roi():
     uv = np.array([[100.0, 100], [200, 150], [np.nan, np.nan]])
     x0, y0, x1, y1 = kinematic_roi(uv, 640, 480, margin=0.25, aspect=1.0)
