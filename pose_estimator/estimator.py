@@ -136,6 +136,10 @@ class Estimator:
         #: the model's calibration of the published pose covariance (``pose-estimator calibrate``): what
         #: makes 95 % of held-out end-effector positions fall inside the published 95 % ellipsoid
         self.pose_covariance_scale = float(extra.get("pose_covariance_scale", 1.0))
+        #: the same for frames not seeded by an extrinsic (PnP, then the tracked camera pose); a model
+        #: calibrated before this factor existed uses ``pose_covariance_scale``
+        self.pose_covariance_scale_no_extrinsic = float(extra.get("pose_covariance_scale_no_extrinsic",
+                                                                  self.pose_covariance_scale))
         #: the model's calibration of the joint prior against its keypoints (``pose-estimator calibrate``):
         #: a factor on ``config.joint_sigma``, below 1 where the network's errors are correlated across
         #: keypoints (the solver takes them as independent)
@@ -379,7 +383,9 @@ class Estimator:
         else:
             inl = sol.inliers[0].numpy()
         return Estimate(
-            pose=sol.pose[0].detach().numpy(), covariance=sol.covariance[0].detach().numpy() * self.pose_covariance_scale,
+            pose=sol.pose[0].detach().numpy(),
+            covariance=sol.covariance[0].detach().numpy() * (self.pose_covariance_scale if seed_source == "extrinsic"
+                                                             else self.pose_covariance_scale_no_extrinsic),
             converged=bool(sol.converged[0]), message=sol.message[0], keypoints=uv, keypoint_covariance=kcov,
             confidence=conf, inliers=inl, residual=float(sol.residual[0]), residual_px=float(sol.residual_px[0]),
             iterations=int(sol.iterations[0]), mode=mode,

@@ -185,6 +185,28 @@ def test_only_a_trusted_frame_seeds_the_next(panda, tiny_net, camera):
     assert not np.allclose(est._camera_from_base, trusted)
 
 
+def test_frames_without_an_extrinsic_get_their_own_pose_covariance_factor(panda, tiny_net, camera):
+    """calibrate fits one factor on the published covariance for frames seeded by an extrinsic and one for
+    the others (PnP, tracking); the estimator applies each to its frames, and an older model file with
+    only the first uses it for both."""
+    import dataclasses
+
+    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(6))[0].numpy()
+    T_cb = np.eye(4)
+    T_cb[:3, 3] = [0, 0.2, 1.8]
+    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    cfg = EstimatorConfig(camera_prior_sigma_m=0.0, track_camera=False)  # no prior: the same solve either way
+    img = np.zeros((480, 640, 3), np.uint8)
+    est = Estimator(panda, tiny_net, cfg, model_info={"extra": {"pose_covariance_scale": 2.0,
+                                                                "pose_covariance_scale_no_extrinsic": 5.0}})
+    obs = est.observe(img, camera, q, camera_from_base=T_cb)
+    a = est.solve(obs)
+    b = est.solve(dataclasses.replace(obs, seed_source="tracked"))
+    np.testing.assert_allclose(b.covariance, a.covariance * 2.5)
+    old = Estimator(panda, tiny_net, cfg, model_info={"extra": {"pose_covariance_scale": 2.0}})
+    assert old.pose_covariance_scale_no_extrinsic == 2.0
+
+
 def test_kinematic_roi():
     uv = np.array([[100.0, 100], [200, 150], [np.nan, np.nan]])
     x0, y0, x1, y1 = kinematic_roi(uv, 640, 480, margin=0.25, aspect=1.0)

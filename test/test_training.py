@@ -152,6 +152,9 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
     est = Estimator.from_files(tmp_path / "m.safetensors")
     assert est.model_variance_scale == pytest.approx(c["keypoint_variance_scale"])
     assert c["pose_covariance_scale"] > 0 and est.pose_covariance_scale == pytest.approx(c["pose_covariance_scale"])
+    # without an extrinsic (PnP, then tracking) the published pose has a factor of its own
+    x = c["pose_covariance_scale_no_extrinsic"]
+    assert x > 0 and est.pose_covariance_scale_no_extrinsic == pytest.approx(x)
     from pose_estimator.training.evaluate import JOINT_PRIOR_SCALES
 
     assert c["joint_prior_scale"] in JOINT_PRIOR_SCALES and est.joint_prior_scale == c["joint_prior_scale"]

@@ -175,7 +175,9 @@ def cli_calibrate(args: argparse.Namespace) -> int:
     if not args.dry_run:
         update_model_extra(args.model, keypoint_variance_scale=m["keypoint_variance_scale"],
                            pose_covariance_scale=m["pose_covariance_scale"], joint_prior_scale=m["joint_prior_scale"],
-                           calibration={k: v for k, v in m.items() if not k.endswith("_scale")} | {"data": str(args.data)})
+                           pose_covariance_scale_no_extrinsic=m["pose_covariance_scale_no_extrinsic"],
+                           calibration={k: v for k, v in m.items() if not k.endswith(("_scale", "_no_extrinsic"))}
+                           | {"data": str(args.data)})
     if args.json:
         print(json.dumps(m))
     else:

@@ -250,6 +250,10 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
     them as independent, trusts the image too much against the measured joints; this
     factor restores the balance for this model. ``None`` or ``(1.0,)`` leaves it at 1.
 
+    3. The published pose again, without the extrinsic (the camera found by PnP and then
+       tracked, as the node runs without one): a factor of its own,
+       ``pose_covariance_scale_no_extrinsic``, for the frames not seeded by an extrinsic.
+
     The estimator runs as at run time (kinematic crop from the extrinsic), with the
     model's current factors removed. The network runs once per frame: the crop comes
     from the recorded extrinsic, so its keypoints do not depend on the factors, and
@@ -258,14 +262,15 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
     cfg = config or EstimatorConfig()
     est = Estimator.from_files(model, cfg)
     est.model_variance_scale = 1.0
-    est.pose_covariance_scale = 1.0
+    est.pose_covariance_scale = est.pose_covariance_scale_no_extrinsic = 1.0
     est.joint_prior_scale = 1.0
-    frames = []
-    for seq in SyntheticDataset(data).sequences():
+    frames, seq_of = [], []
+    for i, seq in enumerate(SyntheticDataset(data).sequences()):
         for f in seq:
             if max_frames and len(frames) >= max_frames:
                 break
             frames.append(f)
+            seq_of.append(i)
     # the network's half, once: the seed is the recorded extrinsic, never the tracked pose
     obs = [est.observe(f.image, f.camera_model(), f.joints_measured, camera_from_base=f.T_camera_base)
            for f in frames]
@@ -298,6 +303,20 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
             p2.append(float(d @ np.linalg.solve(e.covariance[:3, :3], d)))
     p2 = np.asarray(p2)
     pose_scale = float(np.percentile(p2, 95) / CHI2_3_95) if p2.size >= 10 else 1.0
+    # 3. The same without an extrinsic, as the node runs without one: PnP on the first frame of each
+    #    sequence, then the tracked camera pose. Its errors are larger than a prior on the camera lets
+    #    the solver believe, so its frames get a factor of their own. The crops follow the tracking,
+    #    so the network runs again.
+    p2x = []
+    for k, (f, s_i) in enumerate(zip(frames, seq_of)):
+        if k == 0 or s_i != seq_of[k - 1]:
+            est.reset()
+        e = est.estimate(f.image, f.camera_model(), f.joints_measured)
+        if e.converged and e.seed_source != "extrinsic":
+            d = e.pose[:3, 3] - f.ee_pose_camera[:3, 3]
+            p2x.append(float(d @ np.linalg.solve(e.covariance[:3, :3], d)))
+    p2x = np.asarray(p2x)
+    pose_scale_x = float(np.percentile(p2x, 95) / CHI2_3_95) if p2x.size >= 10 else pose_scale
     return {"frames": len(frames), "keypoints": int(a.size), "keypoint_variance_scale": scale,
             "share_within_95_before": float((a <= 5.991).mean()),
             "share_within_95_after": float((a / scale <= 5.991).mean()),
@@ -305,7 +324,11 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
             "ee_pos_err_mm_median_by_joint_prior_scale": {str(k): v for k, v in joint_fit.items()},
             "pose_covariance_scale": pose_scale,
             "pose_coverage95_before": float((p2 <= CHI2_3_95).mean()) if p2.size else float("nan"),
-            "pose_coverage95_after": float((p2 / pose_scale <= CHI2_3_95).mean()) if p2.size else float("nan")}
+            "pose_coverage95_after": float((p2 / pose_scale <= CHI2_3_95).mean()) if p2.size else float("nan"),
+            "pose_covariance_scale_no_extrinsic": pose_scale_x,
+            "no_extrinsic_frames": int(p2x.size),
+            "no_extrinsic_coverage95_before": float((p2x <= CHI2_3_95).mean()) if p2x.size else float("nan"),
+            "no_extrinsic_coverage95_after": float((p2x / pose_scale_x <= CHI2_3_95).mean()) if p2x.size else float("nan")}
 
 
 def dumps(metrics: dict) -> str:
