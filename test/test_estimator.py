@@ -22,6 +22,23 @@ def camera():
     return CameraModel(np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]]), 640, 480)
 
 
+def scene(panda, seed):
+    """A random configuration (n,) and a camera 1.8 m away looking along the base's +x, T_camera_base."""
+    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(seed))[0].numpy()
+    T_cb = np.eye(4)
+    T_cb[:3, 3] = [0, 0.2, 1.8]
+    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    return q, T_cb
+
+
+def true_keypoints(panda, camera, q, T_cb):
+    """Where the keypoints of configuration q project, image px (K, 2)."""
+    from pose_estimator.geometry import project
+
+    P = panda.keypoints_3d(torch.as_tensor(q)[None])[0].numpy() @ T_cb[:3, :3].T + T_cb[:3, 3]
+    return project(torch.as_tensor(camera.K)[None], torch.as_tensor(P)[None])[0].numpy()
+
+
 def test_model_round_trip_and_bad_files(tmp_path, panda, tiny_net):
     p = save_model(tmp_path / "m.safetensors", tiny_net, robot="panda", keypoint_names=panda.keypoint_names)
     net, info = load_model(p)
@@ -65,10 +82,7 @@ def test_estimator_rejects_bad_input(panda, tiny_net, camera):
 def test_untrained_network_gives_no_confident_pose(panda, tiny_net, camera):
     """Flat heat maps: the estimator must not publish a tight pose."""
     est = Estimator(panda, tiny_net, EstimatorConfig())
-    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(1))[0].numpy()
-    T_cb = np.eye(4)
-    T_cb[:3, 3] = [0, 0.2, 1.8]
-    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])  # camera looking along base +x
+    q, T_cb = scene(panda, 1)
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
     e = est.estimate(img, camera, q, camera_from_base=T_cb)
@@ -86,10 +100,7 @@ def test_untrained_network_gives_no_confident_pose(panda, tiny_net, camera):
 def test_an_observation_solves_again_under_other_factors(panda, tiny_net, camera):
     """observe() + solve() is estimate(); the observation keeps the network's own covariance, so solving
     it under other calibration factors gives what estimate() gives under them (what calibrate relies on)."""
-    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(2))[0].numpy()
-    T_cb = np.eye(4)
-    T_cb[:3, 3] = [0, 0.2, 1.8]
-    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    q, T_cb = scene(panda, 2)
     img = np.random.default_rng(3).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     est = Estimator(panda, tiny_net, EstimatorConfig(track_camera=False))
     obs = est.observe(img, camera, q, camera_from_base=T_cb)
@@ -114,14 +125,8 @@ def test_a_frame_observed_before_a_reset_does_not_set_the_tracking_again(panda, 
     recording looped), N's solution must not bring the old camera pose back as the next frames' seed."""
     import dataclasses
 
-    from pose_estimator.geometry import project
-
-    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(4))[0].numpy()
-    T_cb = np.eye(4)
-    T_cb[:3, 3] = [0, 0.2, 1.8]
-    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
-    P = panda.keypoints_3d(torch.as_tensor(q)[None])[0].numpy() @ T_cb[:3, :3].T + T_cb[:3, 3]
-    uv = project(torch.as_tensor(camera.K)[None], torch.as_tensor(P)[None])[0].numpy()
+    q, T_cb = scene(panda, 4)
+    uv = true_keypoints(panda, camera, q, T_cb)
     img = np.zeros((480, 640, 3), np.uint8)
     est = Estimator(panda, tiny_net, EstimatorConfig())
 
@@ -148,14 +153,8 @@ def test_only_a_trusted_frame_seeds_the_next(panda, tiny_net, camera):
     pose of the last trusted one, instead of seeding the following frames from wherever it landed."""
     import dataclasses
 
-    from pose_estimator.geometry import project
-
-    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(5))[0].numpy()
-    T_cb = np.eye(4)
-    T_cb[:3, 3] = [0, 0.2, 1.8]
-    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
-    P = panda.keypoints_3d(torch.as_tensor(q)[None])[0].numpy() @ T_cb[:3, :3].T + T_cb[:3, 3]
-    uv = project(torch.as_tensor(camera.K)[None], torch.as_tensor(P)[None])[0].numpy()
+    q, T_cb = scene(panda, 5)
+    uv = true_keypoints(panda, camera, q, T_cb)
     img = np.zeros((480, 640, 3), np.uint8)
     n = panda.num_keypoints
     est = Estimator(panda, tiny_net, EstimatorConfig(camera_prior_sigma_m=0.0, track_max_sigma_m=0.1))
@@ -191,10 +190,7 @@ def test_frames_without_an_extrinsic_get_their_own_pose_covariance_factor(panda,
     only the first uses it for both."""
     import dataclasses
 
-    q = panda.random_configuration(1, generator=torch.Generator().manual_seed(6))[0].numpy()
-    T_cb = np.eye(4)
-    T_cb[:3, 3] = [0, 0.2, 1.8]
-    T_cb[:3, :3] = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    q, T_cb = scene(panda, 6)
     cfg = EstimatorConfig(camera_prior_sigma_m=0.0, track_camera=False)  # no prior: the same solve either way
     img = np.zeros((480, 640, 3), np.uint8)
     est = Estimator(panda, tiny_net, cfg, model_info={"extra": {"pose_covariance_scale": 2.0,
