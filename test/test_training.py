@@ -141,6 +141,12 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
         assert all(v >= 0 for v in by_axis.values())
         assert max(by_axis.values()) <= m["ee_pos_err_mm_p90"] + 1e-6
     assert (tmp_path / "plots" / "add_curve.png").is_file()
+    # where the plots cannot go (a read-only install of the model, a file in the way), the figures still come
+    (tmp_path / "in_the_way").write_text("")
+    with pytest.warns(UserWarning, match="plots not written"):
+        rc = main(["evaluate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "2",
+                   "--json", "--no-progress", "--plots", str(tmp_path / "in_the_way")])
+    assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frames"] == 2
     # calibrating the keypoint variance writes the factor into the model; the estimator applies it
     rc = main(["calibrate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "3",
                "--json"])

@@ -176,7 +176,10 @@ def evaluate(model: str | Path, data: str | Path, config: EstimatorConfig | None
     out["improvement_vs_kinematics"] = (out["kinematic_pos_err_mm_median"] / out["ee_pos_err_mm_median"]
                                         if out["ee_pos_err_mm_median"] > 0 else float("nan"))
     if plots_dir is not None:
-        _plots(Path(plots_dir), results, add)
+        try:
+            _plots(Path(plots_dir), results, add)
+        except OSError as e:  # a read-only install, a file in the way: the figures above still count
+            warnings.warn(f"plots not written to {plots_dir}: {e}", stacklevel=2)
     return out
 
 
