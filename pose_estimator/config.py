@@ -43,6 +43,8 @@ class EstimatorConfig:
     #: joint prior standard deviation (rad), articulated mode; the model file's joint_prior_scale
     #: (fitted by `pose-estimator calibrate`) multiplies it
     joint_sigma: float = 0.02
+    #: the same for prismatic joints (m); the same factor multiplies it
+    joint_sigma_m: float = 0.02
     #: keep the camera-from-base estimate between frames as the next seed (static camera)
     track_camera: bool = True
     #: a frame whose published position uncertainty (largest 1-sigma, m) is above this does not replace
@@ -66,8 +68,9 @@ class EstimatorConfig:
             raise ValueError(f"keypoint_method must be 'softargmax' or 'gaussian_fit', got '{self.keypoint_method}'")
         if self.roi not in ("kinematic", "full"):
             raise ValueError(f"roi must be 'kinematic' or 'full', got '{self.roi}'")
-        if self.temperature <= 0 or self.joint_sigma <= 0 or self.keypoint_variance_scale <= 0:
-            raise ValueError("temperature, joint_sigma and keypoint_variance_scale must be > 0")
+        if (self.temperature <= 0 or self.joint_sigma <= 0 or self.joint_sigma_m <= 0
+                or self.keypoint_variance_scale <= 0):
+            raise ValueError("temperature, joint_sigma, joint_sigma_m and keypoint_variance_scale must be > 0")
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:

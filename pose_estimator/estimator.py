@@ -185,6 +185,12 @@ class Estimator:
         """What the network's keypoint covariances are multiplied by before the solver."""
         return self.config.keypoint_variance_scale * self.model_variance_scale
 
+    def joint_sigma(self) -> np.ndarray:
+        """The joint prior's standard deviation per joint (rad, or m for a prismatic joint), (n,):
+        ``config.joint_sigma`` / ``config.joint_sigma_m`` times the model's ``joint_prior_scale``."""
+        cfg = self.config
+        return np.where(self.robot.joint_is_revolute, cfg.joint_sigma, cfg.joint_sigma_m) * self.joint_prior_scale
+
     def detect(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
         """Keypoints in one crop: -> (uv (K,2), cov (K,2,2) image px, confidence (K,), timings ms).
 
@@ -342,7 +348,7 @@ class Estimator:
         if cfg.mode == "articulated":
             sol = solve_pose("articulated", uv_t, cov_t, camera, robot=self.robot, joints=q,
                              initial_camera_from_base=torch.as_tensor(T_cb)[None],
-                             joint_sigma=cfg.joint_sigma * self.joint_prior_scale * joint_sigma_scale,
+                             joint_sigma=self.joint_sigma() * joint_sigma_scale,
                              camera_prior_sigma=cam_prior,
                              mask=mask[None], config=cfg.solver)
         else:

@@ -247,6 +247,8 @@ class RobotModel:
         self._ancestor = ancestor.to(device)
         types = self.chain.joint_type_indices[dof_frame]
         self._dof_revolute = (types == 1).to(device)
+        #: (n,) bool numpy: True for a revolute (or continuous) joint, False for a prismatic one
+        self.joint_is_revolute = self._dof_revolute.cpu().numpy().copy()
         self._axes = self.chain.axes.to(dtype=dtype, device=device)
         self._base_idx = frames[definition.base_link]
         self._ee_idx = frames[definition.end_effector]

@@ -203,6 +203,29 @@ def test_frames_without_an_extrinsic_get_their_own_pose_covariance_factor(panda,
     assert old.pose_covariance_scale_no_extrinsic == 2.0
 
 
+def test_prismatic_joints_have_a_prior_in_metres(panda, tiny_net, camera):
+    """joint_sigma (rad) holds the revolute joints, joint_sigma_m (m) the prismatic ones (the Panda's fingers)."""
+    import dataclasses
+
+    q, T_cb = scene(panda, 7)
+    uv = true_keypoints(panda, camera, q, T_cb)
+    img = np.zeros((480, 640, 3), np.uint8)
+    prismatic = ~panda.joint_is_revolute
+    assert prismatic.sum() == 2  # the two finger joints
+    sd = {}
+    for sigma_m in (0.02, 1e-4):
+        est = Estimator(panda, tiny_net, EstimatorConfig(joint_sigma_m=sigma_m, track_camera=False))
+        np.testing.assert_allclose(est.joint_sigma(), np.where(prismatic, sigma_m, 0.02))
+        o = est.observe(img, camera, q, camera_from_base=T_cb)
+        o = dataclasses.replace(o, keypoints=uv + 3.0, keypoint_covariance=np.tile(np.eye(2) * 4.0, (len(uv), 1, 1)),
+                                confidence=np.ones(len(uv)))
+        e = est.solve(o)
+        assert e.converged, e.message
+        sd[sigma_m] = np.sqrt(np.diag(e.joint_covariance))
+    assert (sd[1e-4][prismatic] <= 1e-4 * 1.001).all() and (sd[0.02][prismatic] > 1e-3).all()
+    np.testing.assert_allclose(sd[1e-4][~prismatic], sd[0.02][~prismatic], rtol=0.2)
+
+
 def test_kinematic_roi():
     uv = np.array([[100.0, 100], [200, 150], [np.nan, np.nan]])
     x0, y0, x1, y1 = kinematic_roi(uv, 640, 480, margin=0.25, aspect=1.0)
