@@ -47,10 +47,10 @@ class EstimatorConfig:
     joint_sigma_m: float = 0.02
     #: keep the camera-from-base estimate between frames as the next seed (static camera)
     track_camera: bool = True
-    #: a frame whose published position uncertainty (largest 1-sigma, m) is above this does not replace
-    #: a tracked camera-from-base that came from a frame below it (one lost frame does not seed the next
-    #: ones); <= 0: every converged frame does
-    track_max_sigma_m: float = 0.1
+    #: a frame whose published position uncertainty (largest 1-sigma) is more than this many times that of
+    #: the frame the tracked camera-from-base came from does not replace it (one frame lost in the image,
+    #: metres off with metres of uncertainty, does not seed the next ones); <= 0: every converged frame does
+    track_max_sigma_ratio: float = 3.0
     #: std (m, rad) of the prior holding camera_from_base to its seed; <= 0 disables the prior
     camera_prior_sigma_m: float = 0.05
     camera_prior_sigma_rad: float = 0.05

@@ -146,8 +146,8 @@ class Estimator:
         self.joint_prior_scale = float(extra.get("joint_prior_scale", 1.0))
         self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
-        #: the tracked camera-from-base came from a frame within ``config.track_max_sigma_m``
-        self._tracked_trusted = False
+        #: position uncertainty (largest 1-sigma, m) of the frame the tracked camera-from-base came from
+        self._tracked_sigma: float | None = None
         self._generation = 0
 
     @classmethod
@@ -176,7 +176,7 @@ class Estimator:
         Observations made before the reset and solved after it leave the tracking alone.
         """
         self._camera_from_base = None
-        self._tracked_trusted = False
+        self._tracked_sigma = None
         self._generation += 1
 
     # ------------------------------------------------------------------ pieces
@@ -360,13 +360,14 @@ class Estimator:
         timings["solver"] = (time.perf_counter() - t0) * 1e3
         est = self._to_estimate(sol, uv, kcov, conf, roi, cfg.mode, kin_pose, seed_source)
         track = est.converged and cfg.track_camera and obs.generation == self._generation
-        if track and cfg.track_max_sigma_m > 0:
+        if track:
             # A frame lost in the image (metres off, with metres of uncertainty) must not replace the seed
-            # a trusted frame left; without one, the best there is beats starting over from PnP.
-            trusted = float(np.sqrt(max(np.linalg.eigvalsh(est.covariance[:3, :3]).max(), 0.0))) < cfg.track_max_sigma_m
-            track = trusted or not self._tracked_trusted
+            # the frames before it left.
+            sigma = float(np.sqrt(max(np.linalg.eigvalsh(est.covariance[:3, :3]).max(), 0.0)))
+            ref = self._tracked_sigma
+            track = cfg.track_max_sigma_ratio <= 0 or ref is None or sigma <= cfg.track_max_sigma_ratio * ref
             if track:
-                self._tracked_trusted = trusted
+                self._tracked_sigma = sigma
         if track and cfg.mode == "articulated":
             self._camera_from_base = est.camera_from_base
         elif track and cfg.mode == "rigid":
