@@ -360,7 +360,11 @@ class Estimator:
         timings["solver"] = (time.perf_counter() - t0) * 1e3
         est = self._to_estimate(sol, uv, kcov, conf, roi, cfg.mode, kin_pose, seed_source)
         track = est.converged and cfg.track_camera and obs.generation == self._generation
-        if track:
+        if track and seed_source == "extrinsic":
+            # the extrinsic seeds every frame while it lasts; should it go, the first frame without it
+            # sets the uncertainty the ones after it are held to (its prior made these ones tighter)
+            self._tracked_sigma = None
+        elif track:
             # A frame lost in the image (metres off, with metres of uncertainty) must not replace the seed
             # the frames before it left.
             sigma = float(np.sqrt(max(np.linalg.eigvalsh(est.covariance[:3, :3]).max(), 0.0)))

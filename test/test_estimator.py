@@ -160,10 +160,11 @@ def test_a_lost_frame_does_not_replace_the_tracked_seed(panda, tiny_net, camera)
     n = panda.num_keypoints
     est = Estimator(panda, tiny_net, EstimatorConfig(camera_prior_sigma_m=0.0, track_max_sigma_ratio=3.0))
 
-    def solved(sigma_px, shift=0.0):
+    def solved(sigma_px, shift=0.0, seed_source="tracked"):
         o = est.observe(img, camera, q, camera_from_base=T_cb)
+        # as if seeded by the tracking (no extrinsic), from T_cb
         o = dataclasses.replace(o, keypoints=uv + shift, keypoint_covariance=np.tile(np.eye(2) * sigma_px ** 2, (n, 1, 1)),
-                                confidence=np.ones(n))
+                                confidence=np.ones(n), seed_source=seed_source)
         e = est.solve(o)
         assert e.converged, e.message
         return float(np.sqrt(np.linalg.eigvalsh(e.covariance[:3, :3]).max()))
@@ -181,6 +182,12 @@ def test_a_lost_frame_does_not_replace_the_tracked_seed(panda, tiny_net, camera)
     assert not np.allclose(lost, seed)
     est.config.track_max_sigma_ratio = 0.0  # off: every converged frame seeds the next
     solved(1.0)
+    solved(300.0, shift=40.0)
+    np.testing.assert_allclose(est._camera_from_base, lost, atol=1e-6)
+    # a frame seeded by an extrinsic sets no reference: the first one without it does
+    est.config.track_max_sigma_ratio = 3.0
+    solved(1.0, seed_source="extrinsic")
+    assert est._tracked_sigma is None
     solved(300.0, shift=40.0)
     np.testing.assert_allclose(est._camera_from_base, lost, atol=1e-6)
 

@@ -258,9 +258,10 @@ def calibrate_variance(model: str | Path, data: str | Path, max_frames: int | No
        ``pose_covariance_scale_no_extrinsic``, for the frames not seeded by an extrinsic.
 
     The estimator runs as at run time (kinematic crop from the extrinsic), with the
-    model's current factors removed. The network runs once per frame: the crop comes
-    from the recorded extrinsic, so its keypoints do not depend on the factors, and
-    each factor is tried by solving the same observations again.
+    model's current factors removed. For 1 and 2 the network runs once per frame: the
+    crop comes from the recorded extrinsic, so its keypoints do not depend on the
+    factors, and each factor is tried by solving the same observations again. For 3 the
+    crops follow the tracking, so it runs again.
     """
     cfg = config or EstimatorConfig()
     est = Estimator.from_files(model, cfg)
