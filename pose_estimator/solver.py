@@ -211,6 +211,7 @@ class _Articulated(_Problem):
         self.n = q0.shape[-1]
         self.n_params = 6 + self.n
         self.camera_prior = camera_prior  # (R0, t0, sqrt-information (6,6)) or None
+        self._pJ = None  # the priors' Jacobian: constant, built at the first step
 
     def _pc(self, state, jac):
         R, t, dq = state
@@ -227,8 +228,7 @@ class _Articulated(_Problem):
         return uv, z, dpi @ dp
 
     def _prior_jacobian(self, B, dtype, device):
-        # constant: built once per problem (the solver asks for it at every step)
-        if getattr(self, "_pJ", None) is None:
+        if self._pJ is None:
             J = torch.zeros(B, self.n, self.n_params, dtype=dtype, device=device)
             J[:, :, 6:] = torch.diag(1 / self.sigma)
             if self.camera_prior is not None:
