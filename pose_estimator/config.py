@@ -40,6 +40,9 @@ class EstimatorConfig:
     roi: str = "kinematic"
     #: margin added around the kinematic bounding box, as a fraction of its size
     roi_margin: float = 0.25
+    #: with a model trained for it (its file names a ``refine_margin``), look again at the end effector
+    #: in a second, closer crop and take the keypoints inside it from there; false: one crop only
+    refine_end_effector: bool = True
     #: joint prior standard deviation (rad), articulated mode; the model file's joint_prior_scale
     #: (fitted by `pose-estimator calibrate`) multiplies it
     joint_sigma: float = 0.02

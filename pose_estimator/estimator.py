@@ -28,7 +28,7 @@ from .robot import RobotModel
 from .solver import PoseSolution
 from .solver import solve as solve_pose
 
-__all__ = ["Estimate", "Estimator", "Observation", "kinematic_roi"]
+__all__ = ["Estimate", "Estimator", "Observation", "kinematic_roi", "refine_roi"]
 
 
 @dataclass
@@ -80,6 +80,9 @@ class Observation:
     #: the estimator's :meth:`Estimator.reset` count when it was made: a frame observed before a
     #: reset and solved after it (the node's pipeline) must not set the tracked camera pose again
     generation: int = 0
+    #: the end-effector refinement crop, when there was one, and which keypoints came from it (K,)
+    refine_roi: tuple[float, float, float, float] | None = None
+    refined: np.ndarray | None = None
 
 
 def kinematic_roi(uv: np.ndarray, width: int, height: int, margin: float, aspect: float,
@@ -105,6 +108,25 @@ def kinematic_roi(uv: np.ndarray, width: int, height: int, margin: float, aspect
     if cx + w / 2 < 0 or cy + h / 2 < 0 or cx - w / 2 > width or cy - h / 2 > height:
         return None
     return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+
+
+def refine_roi(uv: np.ndarray, rigid: list[int], width: int, height: int, margin: float, aspect: float,
+               ) -> tuple[float, float, float, float] | None:
+    """The end-effector refinement crop: :func:`kinematic_roi` around the rigid (end-effector) keypoints only.
+
+    None without rigid keypoints or with none of them in view.
+    """
+    if not rigid:
+        return None
+    return kinematic_roi(np.asarray(uv)[list(rigid)], width, height, margin, aspect)
+
+
+def _inside(uv: np.ndarray, roi, border: float) -> np.ndarray:
+    """(K,) whether each point lies in ``roi`` shrunk by ``border`` (a fraction of its size) on every side."""
+    x0, y0, x1, y1 = roi
+    bx, by = border * (x1 - x0), border * (y1 - y0)
+    with np.errstate(invalid="ignore"):
+        return ((uv[:, 0] > x0 + bx) & (uv[:, 0] < x1 - bx) & (uv[:, 1] > y0 + by) & (uv[:, 1] < y1 - by))
 
 
 class Estimator:
@@ -144,6 +166,9 @@ class Estimator:
         #: a factor on ``config.joint_sigma``, below 1 where the network's errors are correlated across
         #: keypoints (the solver takes them as independent)
         self.joint_prior_scale = float(extra.get("joint_prior_scale", 1.0))
+        #: margin of the end-effector refinement crop the model was trained with; None: not trained for one
+        rm = extra.get("refine_margin")
+        self.refine_margin = float(rm) if rm is not None else None
         self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
         #: position uncertainty (largest 1-sigma, m) of the frame the tracked camera-from-base came from
@@ -311,9 +336,21 @@ class Estimator:
             roi = full_frame_roi(W, H, aspect)
         uv, kcov, conf, ms = self._detect_raw(image, roi, uv_kin)
         timings.update(ms)
+        roi2 = refined = None
+        if uv_kin is not None and cfg.refine_end_effector and self.refine_margin is not None:
+            roi2 = refine_roi(uv_kin, self._rigid_idx, W, H, self.refine_margin, aspect)
+        if roi2 is not None:
+            # A second, closer look at the end effector. Taken from it: every keypoint that both the
+            # kinematics and this crop's heat map put well inside it (near its edge a heat map is cut off).
+            uv2, kcov2, conf2, ms2 = self._detect_raw(image, roi2, uv_kin)
+            refined = _inside(uv_kin, roi2, 0.05) & _inside(uv2, roi2, 0.05)
+            uv, kcov, conf = uv.copy(), kcov.copy(), conf.copy()
+            uv[refined], kcov[refined], conf[refined] = uv2[refined], kcov2[refined], conf2[refined]
+            timings.update({f"{k}_refine": v for k, v in ms2.items()})
         return Observation(keypoints=uv, keypoint_covariance=kcov, confidence=conf, roi=roi, joints=q,
                            camera=camera, camera_from_base=T_cb, seed_source=seed_source,
-                           keypoints_base=P_base, ee_in_base=T_be, timings_ms=timings, generation=self._generation)
+                           keypoints_base=P_base, ee_in_base=T_be, timings_ms=timings, generation=self._generation,
+                           refine_roi=roi2, refined=refined)
 
     def solve(self, obs: Observation, joint_sigma_scale: float = 1.0) -> Estimate:
         """The solver's half of :meth:`estimate`: keypoints of an :meth:`observe` call -> pose with covariance.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pose_estimator.config import EstimatorConfig
-from pose_estimator.estimator import Estimator, kinematic_roi
+from pose_estimator.estimator import Estimator, kinematic_roi, refine_roi
 from pose_estimator.geometry import CameraModel
 from pose_estimator.model_io import ModelFormatError, load_model, save_model
 from pose_estimator.network import HeatmapNet, HeatmapNetConfig
@@ -232,6 +232,39 @@ def test_prismatic_joints_have_a_prior_in_metres(panda, tiny_net, camera):
         sd[sigma_m] = np.sqrt(np.diag(e.joint_covariance))
     assert (sd[1e-4][prismatic] <= 1e-4 * 1.001).all() and (sd[0.02][prismatic] > 1e-3).all()
     np.testing.assert_allclose(sd[1e-4][~prismatic], sd[0.02][~prismatic], rtol=0.2)
+
+
+def test_a_model_trained_for_it_looks_again_at_the_end_effector(panda, tiny_net, camera):
+    q, T_cb = scene(panda, 3)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    uv_true = true_keypoints(panda, camera, q, T_cb)
+    rigid = panda.definition.rigid_indices()
+    # a model without the refinement crop's margin in its file: one crop, as before
+    plain = Estimator(panda, tiny_net, EstimatorConfig()).observe(image, camera, q, T_cb)
+    assert plain.refine_roi is None and plain.refined is None
+    est = Estimator(panda, tiny_net, EstimatorConfig(), model_info={"extra": {"refine_margin": 0.5}})
+    obs = est.observe(image, camera, q, T_cb)
+    roi2 = refine_roi(uv_true, rigid, 640, 480, 0.5, 1.0)
+    assert np.allclose(obs.refine_roi, roi2)
+    # closer than the whole-arm crop, around the hand's keypoints
+    assert obs.refine_roi[2] - obs.refine_roi[0] < 0.7 * (obs.roi[2] - obs.roi[0])
+    x0, y0, x1, y1 = obs.refine_roi
+    assert ((uv_true[rigid] > [x0, y0]) & (uv_true[rigid] < [x1, y1])).all()
+    # the keypoints taken from the second crop are those it gives; the rest are the first crop's
+    uv2, cov2, _, _ = est._detect_raw(image, roi2, uv_true)
+    r = obs.refined
+    assert r.shape == (panda.num_keypoints,) and r[rigid].any()
+    assert np.allclose(obs.keypoints[r], uv2[r]) and np.allclose(obs.keypoint_covariance[r], cov2[r])
+    assert np.allclose(obs.keypoints[~r], plain.keypoints[~r])
+    assert not r[panda.keypoint_names.index("base")]  # far from the hand: never from the close crop
+    assert "network_refine" in obs.timings_ms
+    # the config can switch it off; without a camera seed there is nothing to look closer at
+    off = Estimator(panda, tiny_net, EstimatorConfig(refine_end_effector=False),
+                    model_info={"extra": {"refine_margin": 0.5}})
+    assert off.observe(image, camera, q, T_cb).refine_roi is None
+    assert est.observe(image, camera, q).refine_roi is None
+    assert refine_roi(uv_true, [], 640, 480, 0.5, 1.0) is None
 
 
 def test_kinematic_roi():

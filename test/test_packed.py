@@ -82,6 +82,13 @@ def test_packs_and_datasets_do_not_mix(dataset, pack, tmp_path):
         train(cfg, progress=False)
 
 
+def test_packs_refuse_the_refinement_crop(pack, panda):
+    from pose_estimator.training.data import AugmentConfig
+
+    with pytest.raises(ValueError, match="refinement crop"):
+        PackedData([pack[0]], panda, (64, 64), 2, augment=AugmentConfig(refine_prob=0.5))
+
+
 def test_training_from_a_pack_resumes_exactly_and_stops_at_its_time_limit(pack, tmp_path):
     common = dict(data=[str(pack[0])], batch_size=4, pose_start_step=2, checkpoint_every=2, log_every=1,
                   warmup_steps=2, seed=1, network=HeatmapNetConfig(**NET))

@@ -170,6 +170,37 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
     assert c["joint_prior_scale"] == (min(finite, key=finite.get) if finite else 1.0)
 
 
+def test_refinement_crops_look_closer_at_the_end_effector_and_the_model_says_so(dataset, panda, tmp_path):
+    from pose_estimator.estimator import Estimator
+    from pose_estimator.model_io import load_model
+    from pose_estimator.training.data import AugmentConfig
+
+    rigid = panda.definition.rigid_indices()
+    arm = TrainingData([dataset], panda, (64, 64), 2, augment=AugmentConfig(full_frame_prob=0.0))
+    close = TrainingData([dataset], panda, (64, 64), 2, augment=AugmentConfig(full_frame_prob=0.0, refine_prob=1.0))
+    rng = np.random.default_rng
+    compared = 0
+    for j in range(0, len(arm), 3):
+        a, c = arm.load(j, rng(j)), close.load(j, rng(j))
+        if not (a.kp_weight[rigid] > 0).all():
+            continue  # the hand partly out of the image: nothing to compare
+        # heat-map px -> image px: a closer crop has fewer image px per heat-map px
+        assert np.abs(np.linalg.det(c.affine[:, :2])) < 0.5 * np.abs(np.linalg.det(a.affine[:, :2]))
+        assert (c.kp_weight[rigid] > 0).all()  # the hand's keypoints are in it and taught
+        assert c.kp_weight[panda.keypoint_names.index("base")] == 0  # the base is not, and is not taught
+        assert np.allclose(a.kp_img, c.kp_img, equal_nan=True)  # the same targets, in image px
+        compared += 1
+    assert compared >= 2
+    # without augmentation (validation) the crop is always the whole arm's
+    assert np.allclose(close.load(0, rng(0), augment=False).affine, arm.load(0, rng(0), augment=False).affine)
+    cfg = TrainConfig(data=[str(dataset)], out=str(tmp_path / "r"), steps=1, batch_size=2, loader_threads=1,
+                      network=HeatmapNetConfig(**NET), augment=AugmentConfig(refine_prob=0.5, refine_margin=0.4))
+    train(cfg, progress=False)
+    _, info = load_model(tmp_path / "r" / "model.safetensors")
+    assert info["extra"]["refine_margin"] == 0.4
+    assert Estimator.from_files(tmp_path / "r" / "model.safetensors").refine_margin == 0.4
+
+
 def test_prior_model_starts_from_the_rgb_model_and_sees_the_kinematic_prior(dataset, panda, tmp_path):
     """A network with kinematic-prior input channels seeded by an RGB-only one answers exactly as it
     did (the new inputs start at zero weight); its training inputs mark where kinematics puts each keypoint."""

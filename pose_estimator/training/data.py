@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..estimator import kinematic_roi
+from ..estimator import kinematic_roi, refine_roi
 from ..keypoints import heatmap_to_input_affine, prior_maps
 from ..preprocess import Preprocessor, compose_affine, full_frame_roi
 from ..robot import RobotModel
@@ -58,6 +58,11 @@ class AugmentConfig:
     flip_channels_prob: float = 0.1  # BGR/RGB confusion in the wild
     prior_shift_std: float = 1.0  # kinematic-prior maps: normal shift of all of them, input px (extrinsic error)
     prior_drop_prob: float = 0.1  # kinematic-prior maps: left empty (a frame without a camera seed)
+    #: share of samples cropped around the end effector instead of the whole arm (the estimator's
+    #: refinement crop: :func:`~pose_estimator.estimator.refine_roi`); 0: whole-arm crops only
+    refine_prob: float = 0.0
+    #: margin of that crop around the end effector's rigid keypoints, as a fraction of their box
+    refine_margin: float = 0.5
 
 
 @dataclass
@@ -233,7 +238,9 @@ class TrainingData:
         aspect = w / h
         roi = None
         uv_kin = kinematic_uv(f, P_base)
-        if not (augment and rng.random() < self.aug.full_frame_prob):
+        if augment and self.aug.refine_prob > 0 and rng.random() < self.aug.refine_prob:
+            roi = refine_roi(uv_kin, self.rigid, W, H, self.aug.refine_margin, aspect)
+        if roi is None and not (augment and rng.random() < self.aug.full_frame_prob):
             roi = kinematic_roi(uv_kin, W, H, self.aug.roi_margin, aspect)
         with_prior = roi is not None  # the estimator knows where the arm is only with a camera seed
         if roi is None:

@@ -191,6 +191,10 @@ class PackedData:
         self.prior_sigma = prior_sigma
         self.device = torch.device(device)
         self.A_hm = heatmap_to_input_affine(stride)
+        if self.aug.refine_prob > 0:
+            raise ValueError("packs hold the arm's region at the pack's resolution, too coarse for the "
+                             "end-effector refinement crop (augment.refine_prob > 0): train on the generated "
+                             "datasets instead")
         if self.input_size[0] != self.input_size[1]:
             raise ValueError(f"packed data holds square regions; input_size must be square, got {self.input_size}")
         parts: dict[str, list[np.ndarray]] = {}

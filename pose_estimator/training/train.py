@@ -358,6 +358,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         extra = {"train_config": json.loads(cfg_json), "steps": done if start < cfg.steps else cfg.steps}
         if cfg.prior_sigma > 0:
             extra["prior_sigma"] = cfg.prior_sigma
+        if cfg.augment.refine_prob > 0:  # trained for the end-effector crop too: the estimator runs it
+            extra["refine_margin"] = cfg.augment.refine_margin
         save_model(out / "model.safetensors", net.cpu(), robot=cfg.robot if "/" not in cfg.robot else "",
                    keypoint_names=robot.keypoint_names, extra=extra)
         if writer is not None:
