@@ -6,7 +6,9 @@ Runs, side by side in one process on the same 640x480 frames:
   with the shipped model when present (else the default architecture
   untrained): crop/resize around the arm (plus the kinematic-prior maps for a
   network that takes them) + HeatmapNet + soft-argmax with covariance +
-  mapping back to image pixels;
+  mapping back to image pixels; for a model trained for the end-effector
+  refinement crop, all of it twice (the arm, then the hand), and once as a
+  separate row (``ms_per_frame_one_crop_median``);
 * the network alone (batch norm folded into the convolutions, as the estimator
   runs it, and not folded, as trained), and the soft-argmax and the Gaussian fit alone;
 * a peer for scale: OpenCV's ArUco marker detector on the same frames (the
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from pose_estimator.config import EstimatorConfig
-from pose_estimator.estimator import Estimator
+from pose_estimator.estimator import Estimator, refine_roi
 from pose_estimator.keypoints import gaussian_fit2d, soft_argmax2d
 from pose_estimator.model_io import load_model
 from pose_estimator.network import HeatmapNet, HeatmapNetConfig
@@ -91,7 +93,12 @@ def main() -> None:
     x0 = est.preprocess(imgs[0], roi)[0][None]
     if cfg.prior_channels:  # the kinematic prior maps go in beside the image
         x0 = torch.cat([x0, torch.zeros(1, cfg.prior_channels, *cfg.input_size)], 1)
-    ours = lambda img: est.detect(img, roi, uv_kin)
+    one_crop = lambda img: est.detect(img, roi, uv_kin)
+    # A model trained for the end-effector refinement crop is run twice a frame, as the estimator runs it:
+    # the whole arm, then a closer crop around the hand (here the top of the arm, about 120 px).
+    roi2 = refine_roi(uv_kin, list(range(K - 3, K)), 640, 480, est.refine_margin or 0.0, 1.0)
+    refine = est.refine_margin is not None and est.config.refine_end_effector
+    ours = (lambda img: (est.detect(img, roi, uv_kin), est.detect(img, roi2, uv_kin))) if refine else one_crop
 
     fused = est.net  # what the estimator runs: batch norm folded into the convolutions
 
@@ -114,6 +121,7 @@ def main() -> None:
 
     rows = {
         "ours (preprocess + network + soft-argmax)": timed(ours, imgs),
+        "ours, one crop (no refinement crop)": timed(one_crop, imgs),
         "network alone": timed(net_only, imgs),
         "network alone, batch norm not folded (as trained)": timed(net_unfused, imgs),
         "soft-argmax alone": timed(sa, imgs),
@@ -135,6 +143,8 @@ def main() -> None:
         "ms_per_frame_median": round(ours_ms, 3),
         "ms_per_frame_p95": round(p95["ours (preprocess + network + soft-argmax)"], 3),
         "fps": round(1000 / ours_ms, 1),
+        "refine_crop": refine,
+        "ms_per_frame_one_crop_median": round(med["ours, one crop (no refinement crop)"], 3),
         "input_size": list(cfg.input_size),
         "prior_channels": cfg.prior_channels,
         "network_ms_median": round(med["network alone"], 3),

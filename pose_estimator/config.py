@@ -41,7 +41,8 @@ class EstimatorConfig:
     #: margin added around the kinematic bounding box, as a fraction of its size
     roi_margin: float = 0.25
     #: with a model trained for it (its file names a ``refine_margin``), look again at the end effector
-    #: in a second, closer crop and take the keypoints inside it from there; false: one crop only
+    #: in a second, closer crop and combine the keypoints inside it with the first crop's (each weighted
+    #: by its inverse covariance); false: one crop only
     refine_end_effector: bool = True
     #: joint prior standard deviation (rad), articulated mode; the model file's joint_prior_scale
     #: (fitted by `pose-estimator calibrate`) multiplies it

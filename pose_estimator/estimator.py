@@ -340,12 +340,18 @@ class Estimator:
         if uv_kin is not None and cfg.refine_end_effector and self.refine_margin is not None:
             roi2 = refine_roi(uv_kin, self._rigid_idx, W, H, self.refine_margin, aspect)
         if roi2 is not None:
-            # A second, closer look at the end effector. Taken from it: every keypoint that both the
-            # kinematics and this crop's heat map put well inside it (near its edge a heat map is cut off).
+            # A second, closer look at the end effector. Every keypoint that both the kinematics and this
+            # crop's heat map put well inside it (near its edge a heat map is cut off) is the two looks'
+            # combination, each weighted by its inverse covariance: a look that is unsure counts for little.
             uv2, kcov2, conf2, ms2 = self._detect_raw(image, roi2, uv_kin)
             refined = _inside(uv_kin, roi2, 0.05) & _inside(uv2, roi2, 0.05)
             uv, kcov, conf = uv.copy(), kcov.copy(), conf.copy()
-            uv[refined], kcov[refined], conf[refined] = uv2[refined], kcov2[refined], conf2[refined]
+            if refined.any():
+                i1, i2 = np.linalg.inv(kcov[refined]), np.linalg.inv(kcov2[refined])
+                c = np.linalg.inv(i1 + i2)
+                uv[refined] = (c @ (i1 @ uv[refined, :, None] + i2 @ uv2[refined, :, None]))[..., 0]
+                kcov[refined] = 0.5 * (c + np.swapaxes(c, -1, -2))
+                conf[refined] = np.maximum(conf[refined], conf2[refined])
             timings.update({f"{k}_refine": v for k, v in ms2.items()})
         return Observation(keypoints=uv, keypoint_covariance=kcov, confidence=conf, roi=roi, joints=q,
                            camera=camera, camera_from_base=T_cb, seed_source=seed_source,

@@ -251,11 +251,17 @@ def test_a_model_trained_for_it_looks_again_at_the_end_effector(panda, tiny_net,
     assert obs.refine_roi[2] - obs.refine_roi[0] < 0.7 * (obs.roi[2] - obs.roi[0])
     x0, y0, x1, y1 = obs.refine_roi
     assert ((uv_true[rigid] > [x0, y0]) & (uv_true[rigid] < [x1, y1])).all()
-    # the keypoints taken from the second crop are those it gives; the rest are the first crop's
+    # the keypoints in the second crop combine both looks by their covariances; the rest are the first crop's
     uv2, cov2, _, _ = est._detect_raw(image, roi2, uv_true)
     r = obs.refined
     assert r.shape == (panda.num_keypoints,) and r[rigid].any()
-    assert np.allclose(obs.keypoints[r], uv2[r]) and np.allclose(obs.keypoint_covariance[r], cov2[r])
+    for k in np.flatnonzero(r):
+        i1, i2 = np.linalg.inv(plain.keypoint_covariance[k]), np.linalg.inv(cov2[k])
+        c = np.linalg.inv(i1 + i2)
+        assert np.allclose(obs.keypoint_covariance[k], c)
+        assert np.allclose(obs.keypoints[k], c @ (i1 @ plain.keypoints[k] + i2 @ uv2[k]))
+        # tighter than either look alone
+        assert np.linalg.det(c) < min(np.linalg.det(plain.keypoint_covariance[k]), np.linalg.det(cov2[k]))
     assert np.allclose(obs.keypoints[~r], plain.keypoints[~r])
     assert not r[panda.keypoint_names.index("base")]  # far from the hand: never from the close crop
     assert "network_refine" in obs.timings_ms
