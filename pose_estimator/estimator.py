@@ -80,7 +80,7 @@ class Observation:
     #: the estimator's :meth:`Estimator.reset` count when it was made: a frame observed before a
     #: reset and solved after it (the node's pipeline) must not set the tracked camera pose again
     generation: int = 0
-    #: the end-effector refinement crop, when there was one, and which keypoints came from it (K,)
+    #: the end-effector refinement crop, when there was one, and which keypoints combine its look with the first (K,)
     refine_roi: tuple[float, float, float, float] | None = None
     refined: np.ndarray | None = None
 
@@ -338,7 +338,8 @@ class Estimator:
         timings.update(ms)
         roi2 = refined = None
         if uv_kin is not None and cfg.refine_end_effector and self.refine_margin is not None:
-            roi2 = refine_roi(uv_kin, self._rigid_idx, W, H, self.refine_margin, aspect)
+            # around the rigid keypoints as in training (a robot without any has no refinement crop)
+            roi2 = refine_roi(uv_kin, self.robot.definition.rigid_indices(), W, H, self.refine_margin, aspect)
         if roi2 is not None:
             # A second, closer look at the end effector. Every keypoint that both the kinematics and this
             # crop's heat map put well inside it (near its edge a heat map is cut off) is the two looks'
