@@ -13,7 +13,7 @@ from pose_estimator.network import HeatmapNet, HeatmapNetConfig
 from pose_estimator.robot import RobotModel
 from pose_estimator.solver import SolverConfig
 from pose_estimator.training import TrainConfig, TrainingData, load_checkpoint, train
-from pose_estimator.training.data import collate, kinematic_uv
+from pose_estimator.training.data import AugmentConfig, collate, kinematic_uv
 from pose_estimator.training.evaluate import add_auc, evaluate
 from pose_estimator.training.losses import heatmap_loss, keypoint_nll, pose_losses, soft_argmax_outputs
 
@@ -113,6 +113,18 @@ def test_training_resumes_exactly(dataset, tmp_path):
     # other settings on resume are refused
     with pytest.raises(ValueError, match="different settings"):
         train(TrainConfig(out=str(tmp_path / "part"), steps=6, **{**common, "seed": 2}), progress=False)
+    # a checkpoint written before a setting existed resumes with the setting at its default
+    ck = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    old = json.loads(ck["config"])
+    del old["augment"]["refine_prob"], old["augment"]["refine_margin"]
+    ck["config"] = json.dumps(old, sort_keys=True)
+    torch.save(ck, tmp_path / "part" / "checkpoint.pt")
+    train(TrainConfig(out=str(tmp_path / "part"), steps=7, **common), progress=False)
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["step"] == 7
+    # ... but not when the new setting is not at its default
+    with pytest.raises(ValueError, match="different settings"):
+        train(TrainConfig(out=str(tmp_path / "part"), steps=8,
+                          **{**common, "augment": AugmentConfig(refine_prob=0.5)}), progress=False)
 
 
 def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
@@ -173,7 +185,6 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
 def test_refinement_crops_look_closer_at_the_end_effector_and_the_model_says_so(dataset, panda, tmp_path):
     from pose_estimator.estimator import Estimator
     from pose_estimator.model_io import load_model
-    from pose_estimator.training.data import AugmentConfig
 
     rigid = panda.definition.rigid_indices()
     arm = TrainingData([dataset], panda, (64, 64), 2, augment=AugmentConfig(full_frame_prob=0.0))

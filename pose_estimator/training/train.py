@@ -174,7 +174,9 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     start = 0
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        saved = json.loads(ck["config"])
+        # Read through today's TrainConfig: a field added since the checkpoint was written takes its
+        # default, so an older run resumes as long as its settings mean the same.
+        saved = json.loads(json.dumps(to_dict(config_from_mapping(json.loads(ck["config"]))), sort_keys=True))
         mine = json.loads(cfg_json)
         # Only the length of the run may change on resume.
         for k in ("steps", "init_from", "init_weights", "keep_checkpoints", "time_limit_s"):
