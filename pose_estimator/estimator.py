@@ -169,7 +169,9 @@ class Estimator:
         #: margin of the end-effector refinement crop the model was trained with; None: not trained for one
         rm = extra.get("refine_margin")
         self.refine_margin = float(rm) if rm is not None else None
-        self._rigid_idx = robot.definition.rigid_indices() or list(range(robot.num_keypoints))
+        #: the refinement crop's keypoints, as in training: the rigid ones only (a robot without any has no crop)
+        self._refine_idx = robot.definition.rigid_indices()
+        self._rigid_idx = self._refine_idx or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
         #: position uncertainty (largest 1-sigma, m) of the frame the tracked camera-from-base came from
         self._tracked_sigma: float | None = None
@@ -338,8 +340,7 @@ class Estimator:
         timings.update(ms)
         roi2 = refined = None
         if uv_kin is not None and cfg.refine_end_effector and self.refine_margin is not None:
-            # around the rigid keypoints as in training (a robot without any has no refinement crop)
-            roi2 = refine_roi(uv_kin, self.robot.definition.rigid_indices(), W, H, self.refine_margin, aspect)
+            roi2 = refine_roi(uv_kin, self._refine_idx, W, H, self.refine_margin, aspect)
         if roi2 is not None:
             # A second, closer look at the end effector. Every keypoint that both the kinematics and this
             # crop's heat map put well inside it (near its edge a heat map is cut off) is the two looks'
