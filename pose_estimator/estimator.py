@@ -54,6 +54,8 @@ class Estimate:
     roi: tuple[float, float, float, float] | None = None
     seed_source: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: the end-effector refinement crop (x0, y0, x1, y1) when the network took a second look
+    refine_roi: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -382,7 +384,7 @@ class Estimator:
         if T_cb is None:
             sol_msg = "no seed: too few keypoints agree on a camera pose (PnP failed)"
             est = self._failed(uv, kcov, conf, roi, sol_msg, cfg.mode)
-            est.timings_ms = timings
+            est.timings_ms, est.refine_roi = timings, obs.refine_roi
             return est
 
         uv_t = torch.as_tensor(uv, dtype=torch.float64)[None]
@@ -404,6 +406,7 @@ class Estimator:
                              config=cfg.solver)
         timings["solver"] = (time.perf_counter() - t0) * 1e3
         est = self._to_estimate(sol, uv, kcov, conf, roi, cfg.mode, kin_pose, seed_source)
+        est.refine_roi = obs.refine_roi
         track = est.converged and cfg.track_camera and obs.generation == self._generation
         if track and seed_source == "extrinsic":
             # the extrinsic seeds every frame while it lasts; should it go, the first frame without it

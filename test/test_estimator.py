@@ -271,6 +271,7 @@ def test_a_model_trained_for_it_looks_again_at_the_end_effector(panda, tiny_net,
     assert off.observe(image, camera, q, T_cb).refine_roi is None
     assert est.observe(image, camera, q).refine_roi is None
     assert refine_roi(uv_true, [], 640, 480, 0.5, 1.0) is None
+    assert est.solve(obs).refine_roi == obs.refine_roi  # the estimate names it (the debug image draws it)
 
 
 def test_kinematic_roi():

@@ -144,6 +144,20 @@ def test_debug_drawing_marks_keypoints_ellipses_and_axes():
     assert out[30, 40].tolist() == [40, 220, 60] and out[90, 120].tolist() == [255, 140, 0]
     assert out[30, 40 + 10, 1] > 0  # the 2-sigma ellipse, 10 px along x
     assert out[60, 85, 0] > 200  # the red x axis from the principal point
+    assert out[5:115, 5].max() == 0  # no crop given, no box
+
+
+def test_debug_drawing_boxes_the_crops_the_network_looked_at():
+    img = np.zeros((120, 160, 3), np.uint8)
+    kp, cov = np.array([[80.0, 60.0]]), np.eye(2)[None]
+    out = draw_debug(img, kp, cov, rois=((10.0, 8.0, 150.0, 112.0), (100.0, 70.0, 140.0, 100.0)))
+    assert out[60, 10].tolist() == [90, 170, 255] and out[8, 80].tolist() == [90, 170, 255]  # the arm's crop
+    assert out[85, 140].tolist() == [255, 220, 0] and out[70, 120].tolist() == [255, 220, 0]  # the close crop
+    assert out[85, 120].max() == 0  # boxes, not filled
+    # without the close look (or a box that is not finite) only the arm's crop is drawn
+    for second in (None, (np.nan, 0.0, 1.0, 1.0)):
+        out = draw_debug(img, kp, cov, rois=((10.0, 8.0, 150.0, 112.0), second))
+        assert out[60, 10].tolist() == [90, 170, 255] and out[85, 140].max() == 0
 
 
 def test_window_stats_rate_and_percentiles():

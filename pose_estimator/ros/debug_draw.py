@@ -1,4 +1,4 @@
-"""The debug image: keypoints, their covariance ellipses and the estimated hand axes on the frame.
+"""The debug image: keypoints, their covariance ellipses, the network's crops and the hand axes on the frame.
 
 Pure numpy/OpenCV (no ROS): the node calls :func:`draw_debug` only when
 someone subscribes to ``~/debug_image``; the demo writes the same pictures
@@ -6,6 +6,8 @@ as PNG.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -16,12 +18,15 @@ __all__ = ["draw_debug"]
 
 # Inlier keypoints green, outliers orange, low-confidence grey (RGB).
 _INLIER, _OUTLIER, _WEAK = (40, 220, 60), (255, 140, 0), (150, 150, 150)
+# The crops the network looked at: the whole arm's light blue, the end effector's close look yellow.
+_ROI_COLORS = ((90, 170, 255), (255, 220, 0))
 
 
 def draw_debug(rgb: np.ndarray, keypoints: np.ndarray, keypoint_covariance: np.ndarray,
                confidence: np.ndarray | None = None, inliers: np.ndarray | None = None,
                camera: CameraModel | None = None, pose: np.ndarray | None = None, text: str = "",
-               sigma: float = 2.0, axis_length: float = 0.1, min_confidence: float = 0.0) -> np.ndarray:
+               sigma: float = 2.0, axis_length: float = 0.1, min_confidence: float = 0.0,
+               rois: Sequence[tuple[float, float, float, float] | None] = ()) -> np.ndarray:
     """A copy of ``rgb`` (H, W, 3 uint8) with the estimate drawn on it.
 
     Args:
@@ -29,6 +34,9 @@ def draw_debug(rgb: np.ndarray, keypoints: np.ndarray, keypoint_covariance: np.n
         pose: T_camera_ee (4x4); its x/y/z axes (red/green/blue, ``axis_length`` m) are
             projected with ``camera`` (distortion included) when both are given and finite.
         text: status line written at the top left.
+        rois: the crops the network looked at, (x0, y0, x1, y1) px each (None: none), drawn as
+            boxes under the keypoints: the first (the whole arm) light blue, the second (the end
+            effector's refinement crop) yellow.
     """
     out = np.ascontiguousarray(rgb, dtype=np.uint8).copy()
     h, w = out.shape[:2]
@@ -36,6 +44,10 @@ def draw_debug(rgb: np.ndarray, keypoints: np.ndarray, keypoint_covariance: np.n
     conf = np.ones(K) if confidence is None else np.asarray(confidence)
     inl = np.ones(K, bool) if inliers is None else np.asarray(inliers, bool)
     lw = max(1, round(min(h, w) / 320))
+    for roi, color in zip(rois, _ROI_COLORS):
+        if roi is not None and np.all(np.isfinite(roi)) and np.all(np.abs(roi) < 1e5):
+            x0, y0, x1, y1 = (int(round(c)) for c in roi)
+            cv2.rectangle(out, (x0, y0), (x1, y1), color, lw)
     for k in range(K):
         u, v = keypoints[k]
         if not (np.isfinite(u) and np.isfinite(v)):

@@ -807,7 +807,7 @@ class PoseEstimatorNode(Node):
                 + ("  STALE JOINTS" if stale else ""))
         img = draw_debug(rgb, est.keypoints, est.keypoint_covariance, est.confidence, est.inliers, camera, pose,
                          text=text[:90], sigma=float(self._p("debug_image_sigma")),
-                         min_confidence=self.config.min_confidence)
+                         min_confidence=self.config.min_confidence, rois=(est.roi, est.refine_roi))
         out = numpy_to_image_msg(img, "rgb8")
         out.header.stamp, out.header.frame_id = header.stamp, frame_id
         self.debug_pub.publish(out)
