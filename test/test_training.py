@@ -4,6 +4,7 @@ checkpoints resume exactly, the CLI writes a model the estimator loads, evaluati
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_training_resumes_exactly(dataset, tmp_path):
                           **{**common, "augment": AugmentConfig(refine_prob=0.5)}), progress=False)
 
 
-def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
+def test_cli_train_then_evaluate(dataset, tmp_path, capsys, monkeypatch):
     from pose_estimator.cli import main
 
     cfg = tmp_path / "t.yaml"
@@ -159,6 +160,14 @@ def test_cli_train_then_evaluate(dataset, tmp_path, capsys):
         rc = main(["evaluate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "2",
                    "--json", "--no-progress", "--plots", str(tmp_path / "in_the_way")])
     assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frames"] == 2
+    # by default the plots go under the working directory, named after the model and the data, not beside the model
+    monkeypatch.chdir(tmp_path / "run")
+    rc = main(["evaluate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "1",
+               "--json", "--no-progress"])
+    out = tmp_path / "run" / "results" / "eval" / f"m-{Path(dataset).name}"
+    assert rc == 0 and (out / "add_curve.png").is_file() and f"plots: {out.relative_to(tmp_path / 'run')}" in \
+        capsys.readouterr().err
+    assert not any(p.name.endswith(".eval") for p in tmp_path.iterdir())
     # calibrating the keypoint variance writes the factor into the model; the estimator applies it
     rc = main(["calibrate", "--model", str(tmp_path / "m.safetensors"), "--data", str(dataset), "--max-frames", "3",
                "--json"])

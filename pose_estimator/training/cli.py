@@ -115,7 +115,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extrinsic", choices=["given", "none"], default="given",
                    help="seed camera-from-base with the recording's extrinsic, or find it (PnP, then tracking)")
     p.add_argument("--max-frames", type=int)
-    p.add_argument("--plots", help="folder for the PNG plots (default: beside the model, <model>.eval/)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: results/eval/<model>-<data>/ in the working "
+                                   "directory, never beside the model: an installed model's folder is not ours to write)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.add_argument("--no-progress", action="store_true")
 
@@ -139,7 +140,7 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         overrides.setdefault("solver", {})["unweighted"] = True
     cfg = load_config(args.config, overrides)
     model = Path(args.model) if args.model else default_model(Path(cfg.robot).stem)
-    plots = Path(args.plots) if args.plots else Path(str(model) + ".eval")
+    plots = Path(args.plots) if args.plots else Path("results", "eval", f"{model.stem}-{Path(args.data).resolve().name}")
     m = evaluate(model, args.data, cfg, extrinsic=args.extrinsic, max_frames=args.max_frames, plots_dir=plots,
                  progress=not args.no_progress)
     if args.json:
@@ -148,7 +149,7 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         w = max(len(k) for k in m)
         for k, v in m.items():
             print(f"{k:<{w}}  {v:.4g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
-        print(f"plots: {plots}", file=sys.stderr)
+    print(f"plots: {plots}", file=sys.stderr)
     return 0
 
 
