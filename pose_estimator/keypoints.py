@@ -62,17 +62,18 @@ def soft_argmax2d(logits: torch.Tensor, temperature: float = 1.0,
     B, K, H, W = logits.shape
     p = torch.softmax(logits.reshape(B, K, H * W) / temperature, dim=-1)
     xs, ys = pixel_grid(H, W, dtype=p.dtype, device=p.device)
-    g = torch.stack([xs, ys], -1)  # (HW, 2)
-    mean = p @ g  # (B, K, 2)
-    # Var = E[g g^T] - mean mean^T, computed around the map centre for precision.
-    c = g.new_tensor([(W - 1) / 2, (H - 1) / 2])
-    gc = g - c
-    second = torch.einsum("bkn,ni,nj->bkij", p, gc, gc)
-    mc = mean - c
-    cov = second - mc[..., :, None] * mc[..., None, :]
-    cov = 0.5 * (cov + cov.transpose(-1, -2))
-    eye = torch.eye(2, dtype=p.dtype, device=p.device)
-    return mean, cov + min_variance * eye
+    # All five moments in one product, about the map's centre (for precision in float32):
+    # E[x], E[y], E[x²], E[xy], E[y²]; Var = E[g gᵀ] - E[g] E[g]ᵀ.
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    gx, gy = xs - cx, ys - cy
+    m = p @ torch.stack([gx, gy, gx * gx, gx * gy, gy * gy], -1)  # (B, K, 5)
+    mx, my = m[..., 0], m[..., 1]
+    vxx = m[..., 2] - mx * mx + min_variance
+    vxy = m[..., 3] - mx * my
+    vyy = m[..., 4] - my * my + min_variance
+    mean = torch.stack([mx + cx, my + cy], -1)
+    cov = torch.stack([torch.stack([vxx, vxy], -1), torch.stack([vxy, vyy], -1)], -2)
+    return mean, cov
 
 
 def gaussian_fit2d(logits: torch.Tensor, weight_temperature: float = 2.0, ridge: float = 1e-10,
