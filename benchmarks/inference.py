@@ -9,8 +9,11 @@ Runs, side by side in one process on the same 640x480 frames:
   mapping back to image pixels; for a model trained for the end-effector
   refinement crop, all of it twice (the arm, then the hand), and once as a
   separate row (``ms_per_frame_one_crop_median``);
-* the network alone (batch norm folded into the convolutions, as the estimator
-  runs it, and not folded, as trained), and the soft-argmax and the Gaussian fit alone;
+* the network alone: as the estimator runs it (batch norm folded into the
+  convolutions, weights and input channels-last on a CPU), folded in the default
+  memory layout (``channels_last_speedup``: that over the first), and not folded,
+  as trained (``fold_speedup``: that over the second); the soft-argmax and the
+  Gaussian fit alone;
 * a peer for scale: OpenCV's ArUco marker detector on the same frames (the
   classic fiducial approach to finding a hand in an image).
 
@@ -100,11 +103,18 @@ def main() -> None:
     refine = est.refine_margin is not None and est.config.refine_end_effector
     ours = (lambda img: (est.detect(img, roi, uv_kin), est.detect(img, roi2, uv_kin))) if refine else one_crop
 
-    fused = est.net  # what the estimator runs: batch norm folded into the convolutions
+    fused = est.net  # what the estimator runs: batch norm folded into the convolutions, channels-last on a CPU
+    x0_est = x0.contiguous(memory_format=est._memory_format)
+    # the same folded network in the default (contiguous) memory layout, to tell the two speed-ups apart
+    fused_contiguous = net.fused().eval() if isinstance(net, HeatmapNet) else net
 
     @torch.inference_mode()
     def net_only(_):
-        return fused(x0)
+        return fused(x0_est)
+
+    @torch.inference_mode()
+    def net_contiguous(_):
+        return fused_contiguous(x0)
 
     @torch.inference_mode()
     def net_unfused(_):
@@ -123,6 +133,7 @@ def main() -> None:
         "ours (preprocess + network + soft-argmax)": timed(ours, imgs),
         "ours, one crop (no refinement crop)": timed(one_crop, imgs),
         "network alone": timed(net_only, imgs),
+        "network alone, contiguous memory layout": timed(net_contiguous, imgs),
         "network alone, batch norm not folded (as trained)": timed(net_unfused, imgs),
         "soft-argmax alone": timed(sa, imgs),
         "Gaussian fit alone": timed(gf, imgs),
@@ -149,7 +160,10 @@ def main() -> None:
         "prior_channels": cfg.prior_channels,
         "network_ms_median": round(med["network alone"], 3),
         "network_unfused_ms_median": round(med["network alone, batch norm not folded (as trained)"], 3),
-        "fold_speedup": round(med["network alone, batch norm not folded (as trained)"] / med["network alone"], 3),
+        "network_contiguous_ms_median": round(med["network alone, contiguous memory layout"], 3),
+        "fold_speedup": round(med["network alone, batch norm not folded (as trained)"]
+                              / med["network alone, contiguous memory layout"], 3),
+        "channels_last_speedup": round(med["network alone, contiguous memory layout"] / med["network alone"], 3),
         "softargmax_ms_median": round(med["soft-argmax alone"], 3),
         "gaussian_fit_ms_median": round(med["Gaussian fit alone"], 3),
         "aruco_ms_median": round(peer, 3),

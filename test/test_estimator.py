@@ -302,3 +302,18 @@ def test_estimator_runs_the_network_with_batch_norm_folded(panda):
     # the caller's network is not touched: it can still be trained and saved as it was
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_on_a_cpu_the_network_runs_channels_last_with_the_same_keypoints(panda, tiny_net):
+    est = Estimator(panda, tiny_net, EstimatorConfig())
+    conv = next(m for m in est.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert next(tiny_net.parameters()).is_contiguous()  # the caller's network is left as it was
+    image = np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    uv, cov, conf, _ = est.detect(image, (100.0, 50.0, 500.0, 450.0))
+    # the same folded network in the default layout gives the same keypoints
+    est.net, est._memory_format = tiny_net.fused().eval(), torch.contiguous_format
+    uv0, cov0, conf0, _ = est.detect(image, (100.0, 50.0, 500.0, 450.0))
+    np.testing.assert_allclose(uv, uv0, atol=1e-3)
+    np.testing.assert_allclose(cov, cov0, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(conf, conf0, atol=1e-5)
