@@ -104,7 +104,7 @@ def main() -> None:
     ours = (lambda img: (est.detect(img, roi, uv_kin), est.detect(img, roi2, uv_kin))) if refine else one_crop
 
     fused = est.net  # what the estimator runs: batch norm folded into the convolutions, channels-last on a CPU
-    x0_est = x0.contiguous(memory_format=est._memory_format)
+    x0_est = x0.contiguous(memory_format=est.memory_format)
     # the same folded network in the default (contiguous) memory layout, to tell the two speed-ups apart
     fused_contiguous = net.fused().eval() if isinstance(net, HeatmapNet) else net
 

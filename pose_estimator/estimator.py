@@ -145,9 +145,10 @@ class Estimator:
         # CPU, weights and input channels-last, which oneDNN's convolutions run faster (~20 % for the
         # shipped network at 2 threads)
         self.net = (net.fused() if isinstance(net, HeatmapNet) else net).to(self.device).eval()
-        self._memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        #: the network's weights' and input's memory layout (channels-last on a CPU)
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         if isinstance(net, HeatmapNet):
-            self.net = self.net.to(memory_format=self._memory_format)
+            self.net = self.net.to(memory_format=self.memory_format)
         info = model_info or {}
         extra = info.get("extra") or {}
         #: width (input px) of the kinematic-prior maps a network with prior channels is given
@@ -203,7 +204,7 @@ class Estimator:
         """One call of the network on a blank input: the first call allocates and is several times slower."""
         c = self.net.config
         self.net(torch.zeros(1, 3 + c.prior_channels, *c.input_size, device=self.device).contiguous(
-            memory_format=self._memory_format))
+            memory_format=self.memory_format))
 
     def reset(self) -> None:
         """Forget the tracked camera-from-base (e.g. when a recording loops).
@@ -247,7 +248,7 @@ class Estimator:
                 uv_in = (np.asarray(uv_kin, dtype=np.float64) - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
             x = torch.cat([x, prior_maps(uv_in, self.input_size, self.prior_sigma)])
         t1 = time.perf_counter()
-        logits = net(x[None].to(self.device).contiguous(memory_format=self._memory_format))
+        logits = net(x[None].to(self.device).contiguous(memory_format=self.memory_format))
         t2 = time.perf_counter()
         logits = logits.contiguous().double()  # channels-last out of the network on a CPU
         if self.config.keypoint_method == "gaussian_fit":

@@ -312,7 +312,7 @@ def test_on_a_cpu_the_network_runs_channels_last_with_the_same_keypoints(panda, 
     image = np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     uv, cov, conf, _ = est.detect(image, (100.0, 50.0, 500.0, 450.0))
     # the same folded network in the default layout gives the same keypoints
-    est.net, est._memory_format = tiny_net.fused().eval(), torch.contiguous_format
+    est.net, est.memory_format = tiny_net.fused().eval(), torch.contiguous_format
     uv0, cov0, conf0, _ = est.detect(image, (100.0, 50.0, 500.0, 450.0))
     np.testing.assert_allclose(uv, uv0, atol=1e-3)
     np.testing.assert_allclose(cov, cov0, rtol=1e-3, atol=1e-3)
