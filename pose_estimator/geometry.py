@@ -222,10 +222,19 @@ def project(K: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def distort_normalized(xy: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """OpenCV's lens model on normalised coordinates (..., 2) with coefficients (D,)."""
-    d = torch.zeros(8, dtype=xy.dtype, device=xy.device)
+    return _distort(xy, _coefficients(dist, xy))
+
+
+def _coefficients(dist: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The lens model's eight coefficients (k1, k2, p1, p2, k3, k4, k5, k6), missing ones zero."""
+    d = torch.zeros(8, dtype=like.dtype, device=like.device)
     n = min(8, dist.shape[-1])
     d[:n] = dist[:n]
-    k1, k2, p1, p2, k3, k4, k5, k6 = d.unbind()
+    return d.unbind()
+
+
+def _distort(xy: torch.Tensor, coefficients: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    k1, k2, p1, p2, k3, k4, k5, k6 = coefficients
     x, y = xy[..., 0], xy[..., 1]
     r2 = x * x + y * y
     radial = (1 + r2 * (k1 + r2 * (k2 + r2 * k3))) / (1 + r2 * (k4 + r2 * (k5 + r2 * k6)))
@@ -261,17 +270,23 @@ def undistort_points(uv: torch.Tensor, cov: torch.Tensor | None, camera: CameraM
     f = torch.stack([K[0, 0], K[1, 1]])
     c = K[:2, 2]
     target = (uv - c) / f  # distorted, normalised
+    coef = _coefficients(dist, uv)
+    distort = lambda p: _distort(p, coef)  # noqa: E731
     with torch.no_grad():
         x = target.clone()
-        for _ in range(iterations):  # the classic fixed-point undistortion
-            x = x - (distort_normalized(x, dist) - target.detach())
+        for i in range(iterations):  # the classic fixed-point undistortion
+            step = distort(x) - target.detach()
+            x = x - step
+            # done once no point moves by more than ~1e-9 px (a point with NaN never counts as moving)
+            if i % 2 and not bool((step.abs() > 1e-12).any()):
+                break
     x = x.detach()
     # Jacobian of the distortion at x by central differences (2x2 per point).
     h = 1e-6
     ex = torch.tensor([h, 0.0], dtype=uv.dtype, device=uv.device)
     ey = torch.tensor([0.0, h], dtype=uv.dtype, device=uv.device)
-    jx = (distort_normalized(x + ex, dist) - distort_normalized(x - ex, dist)) / (2 * h)
-    jy = (distort_normalized(x + ey, dist) - distort_normalized(x - ey, dist)) / (2 * h)
+    jx = (distort(x + ex) - distort(x - ex)) / (2 * h)
+    jy = (distort(x + ey) - distort(x - ey)) / (2 * h)
     Jd = torch.stack([jx, jy], -1)  # (..., 2, 2) d(distorted)/d(x)
     # Where the lens model folds over (far outside the image a polynomial distortion turns back) the map
     # has no local inverse: its Jacobian is singular or flips orientation. Those points stay unknown.
@@ -279,9 +294,9 @@ def undistort_points(uv: torch.Tensor, cov: torch.Tensor | None, camera: CameraM
     ok = torch.isfinite(det) & (det > 1e-9)
     eye = torch.eye(2, dtype=uv.dtype, device=uv.device)
     Jinv = torch.linalg.inv(torch.where(ok[..., None, None], Jd, eye))
-    x = x + (Jinv @ (target - distort_normalized(x, dist))[..., None])[..., 0]
+    x = x + (Jinv @ (target - distort(x))[..., None])[..., 0]
     with torch.no_grad():  # no solution (the iteration did not converge): unknown too
-        ok = ok & ((distort_normalized(x, dist) - target) * f).norm(dim=-1).lt(max_residual_px)
+        ok = ok & ((distort(x) - target) * f).norm(dim=-1).lt(max_residual_px)
     nan = torch.full_like(x, float("nan"))
     uv_ideal = torch.where(ok[..., None], x * f + c, nan)
     if cov is None:

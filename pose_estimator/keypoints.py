@@ -45,8 +45,8 @@ def spatial_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     return torch.softmax(logits.reshape(B, K, H * W) / temperature, dim=-1).reshape(B, K, H, W)
 
 
-def soft_argmax2d(logits: torch.Tensor, temperature: float = 1.0,
-                  min_variance: float = 1.0 / 12.0) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_argmax2d(logits: torch.Tensor, temperature: float = 1.0, min_variance: float = 1.0 / 12.0,
+                  return_peak: bool = False):
     """Expected coordinate and covariance of the spatial softmax.
 
     Args:
@@ -55,9 +55,11 @@ def soft_argmax2d(logits: torch.Tensor, temperature: float = 1.0,
         min_variance: added to the diagonal: the variance of a uniform
             distribution over one pixel, so a one-pixel spike still has the
             quantisation uncertainty it really has.
+        return_peak: also return the softmax's largest value per map (B, K), from
+            the same softmax (what the estimator's confidence is made of).
 
     Returns:
-        mean (B, K, 2) in heat-map px, cov (B, K, 2, 2) in px².
+        mean (B, K, 2) in heat-map px, cov (B, K, 2, 2) in px² (and the peak).
     """
     B, K, H, W = logits.shape
     p = torch.softmax(logits.reshape(B, K, H * W) / temperature, dim=-1)
@@ -73,6 +75,8 @@ def soft_argmax2d(logits: torch.Tensor, temperature: float = 1.0,
     vyy = m[..., 4] - my * my + min_variance
     mean = torch.stack([mx + cx, my + cy], -1)
     cov = torch.stack([torch.stack([vxx, vxy], -1), torch.stack([vxy, vyy], -1)], -2)
+    if return_peak:
+        return mean, cov, p.max(-1).values
     return mean, cov
 
 

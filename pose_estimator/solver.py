@@ -384,7 +384,10 @@ def _run(problem, state0, uv, cov, mask, cfg, extra_messages=None):
     B, Kp = uv.shape[:2]
     n_valid = valid.sum(1)
     enough = n_valid >= cfg.min_keypoints
-    grad_on = torch.is_grad_enabled() and cfg.gradient != "none"
+    # A gradient is only worth the extra work where something it could reach asks for one.
+    wants_grad = any(torch.is_tensor(v) and v.requires_grad for v in (
+        uv, cov, *state0, getattr(problem, "points", None), getattr(problem, "q0", None), problem.K))
+    grad_on = torch.is_grad_enabled() and cfg.gradient != "none" and wants_grad
     if cfg.gradient == "unroll" and grad_on:
         state, iters, stopped, lin = _lm(problem, state0, uv_s, info, validf, cfg, enough)
     else:

@@ -58,6 +58,10 @@ def test_soft_argmax_temperature_and_spike():
                         torch.eye(2, dtype=torch.float64)[None, None], (21, 21))
     _, c_hot = soft_argmax2d(g, temperature=2.0, min_variance=0)
     assert torch.allclose(c_hot, 2.0 * torch.eye(2, dtype=torch.float64), atol=1e-3)
+    # the peak it can hand back is the same softmax's largest value
+    m2, c2, peak = soft_argmax2d(g, temperature=2.0, min_variance=0, return_peak=True)
+    assert torch.equal(m2, soft_argmax2d(g, temperature=2.0, min_variance=0)[0]) and torch.equal(c2, c_hot)
+    assert torch.allclose(peak, torch.softmax(g.flatten(2) / 2.0, -1).max(-1).values)
 
 
 def test_gaussian_fit_peak_outside_the_map():
@@ -139,6 +143,20 @@ def test_preprocess_affine_maps_input_pixels_to_image_pixels(roi):
         c = torch.stack([(w * xs).sum(), (w * ys).sum()]) / w.sum()
         back = A @ [float(c[0]), float(c[1]), 1]
         assert np.allclose(back, [px, py], atol=0.35 * max(A[0, 0], 1)), (back, (px, py))
+
+
+def test_preprocess_batch_is_channels_last_and_matches_one_crop():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    pre = Preprocessor((64, 48))
+    rois = [(10.0, 5.0, 90.0, 110.0), None]
+    x, affines = pre.batch(img, rois)
+    assert x.shape == (2, 3, 64, 48) and x.dtype == torch.float32
+    # the crops' own pixel order: the network's channels-last input without a copy
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    for i, roi in enumerate(rois):
+        xi, Ai = pre(img, roi)
+        assert torch.equal(x[i], xi) and np.array_equal(affines[i], Ai)
 
 
 def test_preprocess_accepts_mono_and_rejects_bad_roi():

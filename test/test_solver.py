@@ -289,6 +289,17 @@ def test_gradients_reach_keypoints_through_articulated_solver(panda):
     assert uv.grad is not None and float(uv.grad.abs().sum()) > 0
     assert torch.isfinite(uv.grad).all()
 
+    # only the joints asking for a gradient: it reaches them too
+    q = q_meas.clone().requires_grad_(True)
+    sol_q = solve("articulated", uv_true, cov.detach(), K, robot=panda, joints=q, initial_camera_from_base=T_cb)
+    sol_q.pose[:, :3, 3].sum().backward()
+    assert q.grad is not None and float(q.grad.abs().sum()) > 0
+    # nothing asking for one: no graph (and no extra Gauss-Newton step for it), the same pose
+    plain = solve("articulated", uv_true, cov.detach(), K, robot=panda, joints=q_meas, initial_camera_from_base=T_cb)
+    assert not plain.pose.requires_grad
+    assert torch.allclose(plain.pose, sol_q.pose.detach(), atol=1e-8)
+    assert torch.allclose(plain.covariance, sol_q.covariance.detach(), rtol=1e-5, atol=1e-12)
+
 
 # ----------------------------------------------------------------- degenerate input
 def test_too_few_points_is_not_converged_with_a_message():
