@@ -298,8 +298,8 @@ def main(argv=None) -> int:
             ("poses published (Hz)", f"{result['pose_hz']:.1f}", ""),
             ("latency p50 / p95 (ms)", f"{result['latency_ms_p50']:.1f} / {result['latency_ms_p95']:.1f}",
              "image published -> ~/status received"),
-            ("dropped frames", f"{dropped}", f"of {images}; {result['transport_lost']} lost in DDS before the node "
-                                              f"(image_qos {args.image_qos})"),
+            ("dropped frames", f"{dropped}",
+             f"of {images}; {result['transport_lost']} lost in DDS before the node (image_qos {args.image_qos})"),
             ("node / bare ms per frame", f"{node_ms:.1f} / {bare['ms_median']:.1f}",
              f"overhead ratio {result['overhead_ratio']:.2f}"),
             ("node RSS start / end / peak (MB)", f"{rss_start:.0f} / {rss_end:.0f} / {rss_peak:.0f}", "")]

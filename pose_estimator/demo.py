@@ -70,7 +70,6 @@ def run_solver_demo(robot_name: str = "panda", frames: int = 200, seed: int = 0,
     in_image = (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height) & (pc[..., 2] > 0.1)
 
     T_ce_true = T_cb @ robot.ee_pose(q_true)
-    T_ce_kin = T_cb @ robot.ee_pose(q_meas)
     # The extrinsic the user calibrated is a little off too.
     T_cb_seed = perturb_pose(T_cb, 0.01, math.radians(0.5), generator=g)
     T_ce_kin_seeded = T_cb_seed @ robot.ee_pose(q_meas)
@@ -142,8 +141,6 @@ def run_solver_demo(robot_name: str = "panda", frames: int = 200, seed: int = 0,
     return result
 
 
-
-
 def run_node_demo(robot: str = "panda", model: str | None = None, out: str = "out/demo", frames: int = 150,
                   seed: int = 7, as_json: bool = False) -> int:
     """Generate (or reuse) one recorded sequence, play it into the node, print the comparison."""
@@ -179,10 +176,10 @@ def run_node_demo(robot: str = "panda", model: str | None = None, out: str = "ou
     seq = sorted(p for p in data.iterdir() if p.name.startswith("seq_"))[0]
     print(f"[demo] playing {seq / 'bag'} into the node (model {model_path})", file=sys.stderr)
     # The recording's /tf_static carries the camera's extrinsic, as a calibrated rig's TF would.
-    run = run_recording(seq, model_path, params={"camera_extrinsic_from_tf": True, "torch_threads": 1,
-                                                   # a calibrated rig (config/calibrated_camera.yaml)
-                                                   "estimator.camera_prior_sigma_m": 0.005,
-                                                   "estimator.camera_prior_sigma_rad": 0.005}, debug_dir=out_dir / "debug")
+    params = {"camera_extrinsic_from_tf": True, "torch_threads": 1,
+              # a calibrated rig (config/calibrated_camera.yaml)
+              "estimator.camera_prior_sigma_m": 0.005, "estimator.camera_prior_sigma_rad": 0.005}
+    run = run_recording(seq, model_path, params=params, debug_dir=out_dir / "debug")
     print(format_table(run))
     if run.debug_images:
         print(f"debug frames: {', '.join(str(p) for p in run.debug_images)}")

@@ -462,4 +462,3 @@ class Estimator:
             joints=None if sol.joints is None else sol.joints[0].detach().numpy(),
             joint_covariance=None if sol.joint_covariance is None else sol.joint_covariance[0].detach().numpy(),
             kinematic_pose=kin_pose, roi=roi, seed_source=seed_source)
-

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import yaml
 
@@ -378,5 +377,3 @@ class RobotModel:
         span = hi - lo
         u = torch.rand(batch, self.n_joints, generator=generator, dtype=self.dtype)
         return lo + span * (margin + (1 - 2 * margin) * u)
-
-

@@ -595,8 +595,9 @@ def solve(
         prior = (T0[:, :3, :3], T0[:, :3, 3], L)
     problem = _Articulated(K, robot, q0, sigma, cfg.min_depth, prior)
     if not bool(finite_q.all()):
-        mask = (mask.to(torch.bool) if mask is not None else torch.ones(keypoints.shape[:2], dtype=torch.bool,
-                                                                           device=device)) & finite_q[:, None]
+        if mask is None:
+            mask = torch.ones(keypoints.shape[:2], dtype=torch.bool, device=device)
+        mask = mask.to(torch.bool) & finite_q[:, None]
     dq0 = torch.zeros_like(q0)
     extra = [[] if bool(finite_q[b]) else ["joint state is not finite"] for b in range(B)]
     state, out = _run(problem, (T0[:, :3, :3], T0[:, :3, 3], dq0), uv, cov, mask, cfg, extra)
@@ -609,4 +610,3 @@ def solve(
         joint_covariance=cov_x[:, 6:, 6:],
         camera_covariance=cov_x[:, :6, :6],
     )
-

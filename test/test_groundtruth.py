@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pose_estimator.groundtruth.coco import load_coco_keypoints, parse_keypoint_map, write_coco_keypoints
-from pose_estimator.groundtruth.fiducial import FiducialGate, measure_fiducial, pose_error, pose_perturb
+from pose_estimator.groundtruth.fiducial import measure_fiducial, pose_error, pose_perturb
 from pose_estimator.groundtruth.interpolate import (InterpolationConfig, interpolate_sequence, kalman_filter,
                                                     motion_direction, rts_smoother)
 from pose_estimator.sim.board import board_texture

@@ -15,7 +15,7 @@ from pose_estimator.robot import RobotModel
 from pose_estimator.solver import SolverConfig
 from pose_estimator.training import TrainConfig, TrainingData, load_checkpoint, train
 from pose_estimator.training.data import AugmentConfig, collate, kinematic_uv
-from pose_estimator.training.evaluate import add_auc, evaluate
+from pose_estimator.training.evaluate import add_auc
 from pose_estimator.training.losses import heatmap_loss, keypoint_nll, pose_losses, soft_argmax_outputs
 
 NET = dict(input_size=(64, 64), base_width=8, depth=2, stride=2)

@@ -193,7 +193,6 @@ def fit_camera_base(T_cam_ee: np.ndarray, T_base_ee: np.ndarray, cov: np.ndarray
     return S
 
 
-
 def motion_direction(q: np.ndarray, band: np.ndarray) -> np.ndarray:
     """Direction of each joint's latest motion along a sampled stream: (N, n) -> (N, n) in {-1, 0, +1}.
 

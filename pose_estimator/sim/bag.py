@@ -130,8 +130,8 @@ class BagRecorder:
         t = self.ts.types
         h, w = rgb.shape[:2]
         img = t["sensor_msgs/msg/Image"](header=self._header(stamp_ns, frame_id), height=h, width=w, encoding="rgb8",
-                                          is_bigendian=0, step=3 * w,
-                                          data=np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1))
+                                         is_bigendian=0, step=3 * w,
+                                         data=np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1))
         P = np.zeros((3, 4))
         P[:3, :3] = K
         info = t["sensor_msgs/msg/CameraInfo"](

@@ -303,4 +303,3 @@ class SyntheticDataset:
     def __repr__(self) -> str:
         return (f"SyntheticDataset({str(self.root)!r}, sequences={len(self._sequences)}, frames={len(self)}, "
                 f"robot={self.meta['robot']['name']!r})")
-
