@@ -7,8 +7,11 @@ Runs, side by side in one process on the same 640x480 frames:
   untrained): crop/resize around the arm (plus the kinematic-prior maps for a
   network that takes them) + HeatmapNet + soft-argmax with covariance +
   mapping back to image pixels; for a model trained for the end-effector
-  refinement crop, all of it twice (the arm, then the hand), and once as a
-  separate row (``ms_per_frame_one_crop_median``);
+  refinement crop, all of it twice (the arm, and the hand), the second crop
+  beside the first in a helper thread as the estimator runs them
+  (``parallel_crops``); beside it the two one after the other
+  (``parallel_crops_speedup``: that over ours) and one crop alone
+  (``ms_per_frame_one_crop_median``);
 * the network alone: as the estimator runs it (batch norm folded into the
   convolutions, weights and input channels-last on a CPU), folded in the default
   memory layout (``channels_last_speedup``: that over the first), and not folded,
@@ -101,7 +104,11 @@ def main() -> None:
     # the whole arm, then a closer crop around the hand (here the top of the arm, about 120 px).
     roi2 = refine_roi(uv_kin, list(range(K - 3, K)), 640, 480, est.refine_margin or 0.0, 1.0)
     refine = est.refine_margin is not None and est.config.refine_end_effector
-    ours = (lambda img: (est.detect(img, roi, uv_kin), est.detect(img, roi2, uv_kin))) if refine else one_crop
+    # ... the second beside the first, in the estimator's helper thread (config.parallel_crops), as it runs
+    # them; and one after the other (parallel_crops: false), as it ran them before
+    ours = (lambda img: est.detect_crops(img, [roi, roi2], uv_kin)) if refine else one_crop
+    est_serial = Estimator(robot, net, EstimatorConfig(parallel_crops=False), model_info=info)
+    serial = (lambda img: est_serial.detect_crops(img, [roi, roi2], uv_kin)) if refine else one_crop
 
     fused = est.net  # what the estimator runs: batch norm folded into the convolutions, channels-last on a CPU
     x0_est = x0.contiguous(memory_format=est.memory_format)
@@ -132,6 +139,7 @@ def main() -> None:
     rows = {
         "ours (preprocess + network + soft-argmax)": timed(ours, imgs),
         "ours, one crop (no refinement crop)": timed(one_crop, imgs),
+        "ours, the two crops one after the other": timed(serial, imgs),
         "network alone": timed(net_only, imgs),
         "network alone, contiguous memory layout": timed(net_contiguous, imgs),
         "network alone, batch norm not folded (as trained)": timed(net_unfused, imgs),
@@ -156,6 +164,8 @@ def main() -> None:
         "fps": round(1000 / ours_ms, 1),
         "refine_crop": refine,
         "ms_per_frame_one_crop_median": round(med["ours, one crop (no refinement crop)"], 3),
+        "ms_per_frame_crops_serial_median": round(med["ours, the two crops one after the other"], 3),
+        "parallel_crops_speedup": round(med["ours, the two crops one after the other"] / ours_ms, 3),
         "input_size": list(cfg.input_size),
         "prior_channels": cfg.prior_channels,
         "network_ms_median": round(med["network alone"], 3),

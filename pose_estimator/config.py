@@ -44,6 +44,10 @@ class EstimatorConfig:
     #: in a second, closer crop and combine the keypoints inside it with the first crop's (each weighted
     #: by its inverse covariance); false: one crop only
     refine_end_effector: bool = True
+    #: run the two crops' networks at the same time, the second in a helper thread with the caller's torch
+    #: thread count (on a small CPU two single-threaded networks side by side beat one after the other,
+    #: each with every core); false: one after the other
+    parallel_crops: bool = True
     #: joint prior standard deviation (rad), articulated mode; the model file's joint_prior_scale
     #: (fitted by `pose-estimator calibrate`) multiplies it
     joint_sigma: float = 0.02

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,6 +183,8 @@ class Estimator:
         self._refine_idx = robot.definition.rigid_indices()
         self._rigid_idx = self._refine_idx or list(range(robot.num_keypoints))
         self._camera_from_base: np.ndarray | None = None
+        self._helper: ThreadPoolExecutor | None = None  # the second crop's thread, made at its first use
+        self._helper_lock = threading.Lock()
         #: position uncertainty (largest 1-sigma, m) of the frame the tracked camera-from-base came from
         self._tracked_sigma: float | None = None
         self._generation = 0
@@ -215,6 +219,28 @@ class Estimator:
         self._tracked_sigma = None
         self._generation += 1
 
+    def close(self) -> None:
+        """Let the second crop's helper thread go (it is made again if the estimator is used again)."""
+        with self._helper_lock:
+            helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.shutdown(wait=True)
+
+    def _second_look(self, image: np.ndarray, roi, uv_kin: np.ndarray | None):
+        """Start :meth:`_detect_raw` on ``roi`` in the helper thread, with the calling thread's torch threads."""
+        with self._helper_lock:
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(1, thread_name_prefix="pose_estimator_crop")
+            helper = self._helper
+        n_threads = torch.get_num_threads()
+
+        def look():
+            if torch.get_num_threads() != n_threads:  # intra-op threads are per calling thread (OpenMP)
+                torch.set_num_threads(n_threads)
+            return self._detect_raw(image, roi, uv_kin)
+
+        return helper.submit(look)
+
     # ------------------------------------------------------------------ pieces
     @property
     def variance_factor(self) -> float:
@@ -236,6 +262,28 @@ class Estimator:
         """
         uv, cov, conf, ms = self._detect_raw(image, roi, uv_kin)
         return uv, cov * self.variance_factor, conf, ms
+
+    def detect_crops(self, image: np.ndarray, rois, uv_kin: np.ndarray | None = None) -> list[tuple]:
+        """:meth:`detect` for several crops of one image, as :meth:`observe` runs its two: with
+        ``config.parallel_crops`` the crops after the first in the helper thread, beside the first.
+        -> one ``(uv, cov, confidence, timings ms)`` per crop."""
+        return [(uv, cov * self.variance_factor, conf, ms)
+                for uv, cov, conf, ms in self._detect_crops_raw(image, rois, uv_kin)]
+
+    def _detect_crops_raw(self, image: np.ndarray, rois, uv_kin: np.ndarray | None = None) -> list[tuple]:
+        rois = list(rois)
+        if not rois:
+            return []
+        others = []
+        if self.config.parallel_crops and len(rois) > 1:
+            others = [self._second_look(image, r, uv_kin) for r in rois[1:]]  # beside this thread's first crop
+        try:
+            first = self._detect_raw(image, rois[0], uv_kin)
+        finally:
+            for f in others:
+                f.exception()  # never left running into the next frame, even when the first crop failed
+        rest = [f.result() for f in others] if others else [self._detect_raw(image, r, uv_kin) for r in rois[1:]]
+        return [first, *rest]
 
     @torch.inference_mode()
     def _detect_raw(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
@@ -346,17 +394,19 @@ class Estimator:
         roi = kinematic_roi(uv_kin, W, H, cfg.roi_margin, aspect) if uv_kin is not None else None
         if roi is None:
             roi = full_frame_roi(W, H, aspect)
-        uv, kcov, conf, ms = self._detect_raw(image, roi, uv_kin)
-        timings.update(ms)
         roi2 = refined = None
         if uv_kin is not None and cfg.refine_end_effector and self.refine_margin is not None:
             roi2 = refine_roi(uv_kin, self._refine_idx, W, H, self.refine_margin, aspect)
+        # the whole arm and, where there is one, a second, closer look at the end effector, side by side
+        # (two calls of the network, not one batch of two: on two CPU cores the batch was slower)
+        looks = self._detect_crops_raw(image, [roi] if roi2 is None else [roi, roi2], uv_kin)
+        uv, kcov, conf, ms = looks[0]
+        timings.update(ms)
         if roi2 is not None:
-            # A second, closer look at the end effector. Every keypoint that both the kinematics and this
-            # crop's heat map put well inside it (near its edge a heat map is cut off) is the two looks'
-            # combination, each weighted by its inverse covariance: a look that is unsure counts for little.
-            # (Two calls of the network, not one batch of two: on two CPU cores the batch was slower.)
-            uv2, kcov2, conf2, ms2 = self._detect_raw(image, roi2, uv_kin)
+            # Every keypoint that both the kinematics and the close crop's heat map put well inside it (near
+            # its edge a heat map is cut off) is the two looks' combination, each weighted by its inverse
+            # covariance: a look that is unsure counts for little.
+            uv2, kcov2, conf2, ms2 = looks[1]
             refined = _inside(uv_kin, roi2, 0.05) & _inside(uv2, roi2, 0.05)
             uv, kcov, conf = uv.copy(), kcov.copy(), conf.copy()
             if refined.any():
@@ -366,6 +416,8 @@ class Estimator:
                 kcov[refined] = 0.5 * (c + np.swapaxes(c, -1, -2))
                 conf[refined] = np.maximum(conf[refined], conf2[refined])
             timings.update({f"{k}_refine": v for k, v in ms2.items()})
+        # the crops' own times overlap when they run side by side: the whole call's, as the caller waited for it
+        timings["observe"] = (time.perf_counter() - t0) * 1e3
         return Observation(keypoints=uv, keypoint_covariance=kcov, confidence=conf, roi=roi, joints=q,
                            camera=camera, camera_from_base=T_cb, seed_source=seed_source,
                            keypoints_base=P_base, ee_in_base=T_be, timings_ms=timings, generation=self._generation,
@@ -434,7 +486,7 @@ class Estimator:
             self._camera_from_base = est.camera_from_base
         elif track and cfg.mode == "rigid":
             self._camera_from_base = est.pose @ np.linalg.inv(T_be)
-        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        timings["total"] = timings.get("observe", 0.0) + timings["solver"]
         est.timings_ms = timings
         return est
 

@@ -265,6 +265,19 @@ def test_a_model_trained_for_it_looks_again_at_the_end_effector(panda, tiny_net,
     assert np.allclose(obs.keypoints[~r], plain.keypoints[~r])
     assert not r[panda.keypoint_names.index("base")]  # far from the hand: never from the close crop
     assert "network_refine" in obs.timings_ms
+    # the second crop ran beside the first, in the estimator's helper thread; one after the other is the same
+    helpers = [t for t in est._helper._threads if t.name.startswith("pose_estimator_crop")]
+    assert helpers and all(t.is_alive() for t in helpers)
+    serial = Estimator(panda, tiny_net, EstimatorConfig(parallel_crops=False),
+                       model_info={"extra": {"refine_margin": 0.5}}).observe(image, camera, q, T_cb)
+    assert np.array_equal(serial.refined, obs.refined)
+    assert np.allclose(serial.keypoints, obs.keypoints) and np.allclose(serial.keypoint_covariance,
+                                                                        obs.keypoint_covariance)
+    assert obs.timings_ms["observe"] > 0
+    est.close()
+    assert est._helper is None and not any(t.is_alive() for t in helpers)
+    assert np.allclose(est.observe(image, camera, q, T_cb).keypoints, obs.keypoints)  # a helper again
+    est.close()
     # the config can switch it off; without a camera seed there is nothing to look closer at
     off = Estimator(panda, tiny_net, EstimatorConfig(refine_end_effector=False),
                     model_info={"extra": {"refine_margin": 0.5}})

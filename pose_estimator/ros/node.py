@@ -875,6 +875,8 @@ class PoseEstimatorNode(Node):
         for thread in (self._worker, self._solver_thread):
             if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
                 thread.join(timeout=10.0)
+        if self.estimator is not None:
+            self.estimator.close()  # its second crop's helper thread
         super().destroy_node()
 
 
