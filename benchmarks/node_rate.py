@@ -270,6 +270,7 @@ def main(argv=None) -> int:
             "image_qos": args.image_qos,
             "node_frames_processed": int(diag.get("frames_processed", 0)) - int(diag_start.get("frames_processed", 0)),
             "node_last_problem": diag.get("last_problem", ""),
+            "pipeline": diag.get("pipeline", ""),  # as the node chose it (its default depends on the cores)
         }
     except Exception as e:  # noqa: BLE001 - report and clean up
         print(f"node_rate: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import threading
 import time
@@ -76,6 +77,11 @@ class NodeStartupError(RuntimeError):
     """The node cannot start (bad model file, bad parameters); the message says what to fix."""
 
 
+# The pipeline's solver thread needs a core of its own beside the network's two crops (each a thread): on
+# 2 cores it only slows them (benchmarks/node_rate.py: 15.2-15.6 against 16.1-17.3 poses/s, latency p50 70-80
+# against 51-55 ms).
+PIPELINE_DEFAULT = (os.cpu_count() or 1) >= 4
+
 # name -> (default, description, read_only, (min, max) or None). The estimator's own
 # settings are declared separately as ``estimator.*`` from EstimatorConfig.
 NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
@@ -86,8 +92,10 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
                          "cores). One leaves the other cores to DDS and the executor: more threads spin in "
                          "OpenMP and starve message delivery on small CPUs. Raise it on a large CPU.", True,
                       (0, 256)),
-    "pipeline": (True, "Two worker threads: the network of one frame runs while the solver finishes the one "
-                       "before, for more poses per second. False: one thread does both.", True, None),
+    "pipeline": (PIPELINE_DEFAULT, "Two worker threads: the network of one frame runs while the solver finishes "
+                                   "the one before, for more poses per second. False: one thread does both. Default: "
+                                   "true with 4 or more CPU cores; with fewer the pipeline's solver only takes CPU "
+                                   "from the network's two crops (which already run side by side).", True, None),
     "image_transport": ("raw", "'raw' subscribes to 'image' (sensor_msgs/Image); 'compressed' to "
                                "'image/compressed' (sensor_msgs/CompressedImage).", True, None),
     "image_qos": ("sensor_data", "QoS of the image and camera_info subscriptions: 'sensor_data' (best effort, the ROS "
