@@ -467,6 +467,25 @@ def _alive(node, feed, k=2):
     assert node._solver_thread is None or node._solver_thread.is_alive()
 
 
+def test_the_pipeline_is_on_by_default_only_where_the_solver_has_a_core_of_its_own(graph, model_file, tmp_path,
+                                                                                   monkeypatch):
+    """The network's crops each take a thread when they run side by side; the pipeline's solver thread is
+    started by default only where a core is left for it (a machine's core count stood in for by cpu_count)."""
+    import os
+
+    two = make_model(tmp_path / "two_crops.safetensors", extra={"refine_margin": 0.8})
+    cases = [(2, two, [], False), (3, two, [], True), (2, model_file, [], True), (1, model_file, [], False),
+             (2, two, [("estimator.parallel_crops", False)], True),  # one crop at a time
+             (2, two, [("pipeline", True)], True)]  # set explicitly: as set
+    for i, (cores, model, params, expected) in enumerate(cases):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        node = _start_node(graph, model, f"pe_pipedef_{i}", [("use_robot_description_topic", False), *params],
+                           prefix=f"/pe_pipedef_{i}_in")
+        assert node.get_parameter("pipeline").value is expected, (cores, model.name, params)
+        assert (node._solver_thread is not None) is expected and _diag(node)["pipeline"] is expected
+        graph.remove(node)
+
+
 def test_the_pipeline_changes_when_the_work_is_done_not_what_comes_out(graph, model_file, recording):
     """With ``pipeline`` the network of a frame runs in one thread and its solver in another; the same frames
     give the same keypoints, statuses and poses as one thread doing both (the seed is the extrinsic)."""

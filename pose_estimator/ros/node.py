@@ -77,13 +77,9 @@ class NodeStartupError(RuntimeError):
     """The node cannot start (bad model file, bad parameters); the message says what to fix."""
 
 
-# The pipeline's solver thread needs a core of its own beside the network's two crops (each a thread): on
-# 2 cores it only slows them (benchmarks/node_rate.py: 15.2-15.6 against 16.1-17.3 poses/s, latency p50 70-80
-# against 51-55 ms).
-PIPELINE_DEFAULT = (os.cpu_count() or 1) >= 4
-
 # name -> (default, description, read_only, (min, max) or None). The estimator's own
 # settings are declared separately as ``estimator.*`` from EstimatorConfig.
+_DECLARED_AFTER_THE_MODEL = {"pipeline"}  # defaults that depend on the model file (declared once it is loaded)
 NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
     "model_path": ("", "Trained model (.safetensors). Empty: resource/models/<robot>.safetensors or "
                        "resource/models/default.safetensors.", True, None),
@@ -92,10 +88,11 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool, tuple | None]] = {
                          "cores). One leaves the other cores to DDS and the executor: more threads spin in "
                          "OpenMP and starve message delivery on small CPUs. Raise it on a large CPU.", True,
                       (0, 256)),
-    "pipeline": (PIPELINE_DEFAULT, "Two worker threads: the network of one frame runs while the solver finishes "
-                                   "the one before, for more poses per second. False: one thread does both. Default: "
-                                   "true with 4 or more CPU cores; with fewer the pipeline's solver only takes CPU "
-                                   "from the network's two crops (which already run side by side).", True, None),
+    "pipeline": (True, "Two worker threads: the network of one frame runs while the solver finishes the one "
+                       "before, for more poses per second. False: one thread does both. Default: true where the "
+                       "CPU has a core for the solver beside the network's crops (each crop run side by side takes "
+                       "one: estimator.parallel_crops), else false (there the solver thread only slows them).",
+                 True, None),
     "image_transport": ("raw", "'raw' subscribes to 'image' (sensor_msgs/Image); 'compressed' to "
                                "'image/compressed' (sensor_msgs/CompressedImage).", True, None),
     "image_qos": ("sensor_data", "QoS of the image and camera_info subscriptions: 'sensor_data' (best effort, the ROS "
@@ -273,6 +270,8 @@ class PoseEstimatorNode(Node):
             raise NodeStartupError(f"model {self.model_path} predicts {self.net.config.num_keypoints} keypoints, "
                                    f"robot '{self.definition.name}' defines {len(self.definition.keypoints)}")
 
+        self._declare("pipeline", self._pipeline_default())  # its default depends on the model's crops
+
         # --- frames
         self.base_frame = str(p("base_frame")) or self.definition.base_link
         self.ee_frame = str(p("ee_frame")) or f"{self.definition.end_effector}_estimated"
@@ -374,19 +373,33 @@ class PoseEstimatorNode(Node):
 
     # ------------------------------------------------------------------ parameters
     def _declare_parameters(self) -> None:
-        for name, (default, doc, read_only, rng) in NODE_PARAMETERS.items():
-            desc = ParameterDescriptor(name=name, type=_PARAM_TYPES[type(default)], description=doc,
-                                       read_only=read_only)
-            if rng is not None and isinstance(default, float):
-                desc.floating_point_range = [FloatingPointRange(from_value=float(rng[0]), to_value=float(rng[1]))]
-            elif rng is not None and isinstance(default, int):
-                desc.integer_range = [IntegerRange(from_value=int(rng[0]), to_value=int(rng[1]), step=1)]
-            self.declare_parameter(name, default, desc)
+        for name in NODE_PARAMETERS:
+            if name not in _DECLARED_AFTER_THE_MODEL:
+                self._declare(name)
         for name, (default, doc) in estimator_parameters().items():
             desc = ParameterDescriptor(name=name, type=_PARAM_TYPES[type(default)],
                                        description=f"{doc} (EstimatorConfig; config/estimator.yaml)",
                                        read_only=True)
             self.declare_parameter(name, default, desc)
+
+    def _declare(self, name: str, default: Any = None) -> None:
+        nominal, doc, read_only, rng = NODE_PARAMETERS[name]
+        default = nominal if default is None else default
+        desc = ParameterDescriptor(name=name, type=_PARAM_TYPES[type(nominal)], description=doc, read_only=read_only)
+        if rng is not None and isinstance(nominal, float):
+            desc.floating_point_range = [FloatingPointRange(from_value=float(rng[0]), to_value=float(rng[1]))]
+        elif rng is not None and isinstance(nominal, int):
+            desc.integer_range = [IntegerRange(from_value=int(rng[0]), to_value=int(rng[1]), step=1)]
+        self.declare_parameter(name, default, desc)
+
+    def _pipeline_default(self) -> bool:
+        """Whether the CPU has a core for the pipeline's solver thread beside the network's crops (each crop that
+        runs side by side takes one). On 2 cores with the shipped model's two crops the solver thread only slows
+        them (benchmarks/node_rate.py); with one crop it has the other core."""
+        cfg = self.config
+        two = (cfg.refine_end_effector and cfg.parallel_crops
+               and (self.model_info.get("extra") or {}).get("refine_margin") is not None)
+        return (os.cpu_count() or 1) > (2 if two else 1)
 
     def _p(self, name: str):
         return self.get_parameter(name).value

@@ -35,8 +35,10 @@ def make_recording(root: str | Path, frames: int = 20, width: int = 320, height:
     return root / "seq_00000"
 
 
-def make_model(path: str | Path, robot: str = "panda", seed: int = 0, **net_kwargs) -> Path:
-    """An untrained model file for ``robot`` (deterministic weights)."""
+def make_model(path: str | Path, robot: str = "panda", seed: int = 0, extra: dict | None = None,
+               **net_kwargs) -> Path:
+    """An untrained model file for ``robot`` (deterministic weights); ``extra``: its metadata's ``extra``
+    (e.g. ``{"refine_margin": 0.8}``, a model trained for the end effector's close crop)."""
     import torch
 
     from ..model_io import save_model
@@ -49,7 +51,7 @@ def make_model(path: str | Path, robot: str = "panda", seed: int = 0, **net_kwar
     d = RobotDefinition.from_yaml(robot)
     torch.manual_seed(seed)
     net = HeatmapNet(HeatmapNetConfig(num_keypoints=d.num_keypoints, **net_kwargs))
-    return save_model(path, net, robot=robot, keypoint_names=d.keypoint_names)
+    return save_model(path, net, robot=robot, keypoint_names=d.keypoint_names, extra=extra)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, period: float = 0.01) -> bool:
