@@ -128,36 +128,29 @@ def articulated_case(B: int, g: torch.Generator, cfg: SolverConfig) -> dict:
     ee_true = (T_cb @ robot.ee_pose(q_true))[:, :3, 3].numpy()
     T_be_meas = robot.ee_pose(q_meas)
 
-    def ours_art(b):
-        return solve("articulated", uv[b], cov[b], K, robot=robot, joints=q_meas[b],
+    def ours_art(b, keypoints=uv, camera=K):
+        return solve("articulated", keypoints[b], cov[b], camera, robot=robot, joints=q_meas[b],
                      initial_camera_from_base=T_cb[b], joint_sigma=np.deg2rad(1.0),
                      camera_prior_sigma=(0.005, 0.005), config=cfg)
 
-    sol = ours_art(slice(None))
-    ours_err = np.linalg.norm(sol.pose[:, :3, 3].detach().numpy() - ee_true, axis=-1) * 1000
+    def ee_err_and_ms(**kw):
+        """Median end-effector error (mm) of one batched solve, and median ms of a solve at batch 1."""
+        sol = ours_art(slice(None), **kw)
+        err = np.linalg.norm(sol.pose[:, :3, 3].detach().numpy() - ee_true, axis=-1) * 1000
+        ts = []
+        for b in range(B):
+            t0 = time.perf_counter()
+            ours_art(slice(b, b + 1), **kw)
+            ts.append(time.perf_counter() - t0)
+        return sol, err, statistics.median(ts) * 1000
+
+    sol, ours_err, ms1 = ee_err_and_ms()
     kin_err = np.linalg.norm((T_cb @ T_be_meas)[:, :3, 3].numpy() - ee_true, axis=-1) * 1000
-    t1 = []
-    for b in range(B):
-        t0 = time.perf_counter()
-        ours_art(slice(b, b + 1))
-        t1.append(time.perf_counter() - t0)
     # The same through a lens with distortion (the synthetic cameras' kind): the solver undistorts first.
     lens = CameraModel(K.numpy(), 640, 480, np.array([-0.08, -0.03, 0.0, -0.0005, -0.01]))
     f, c = K[[0, 1], [0, 1]], K[:2, 2]
     uv_lens = distort_normalized((uv - c) / f, torch.as_tensor(lens.dist)) * f + c
-
-    def ours_lens(b):
-        return solve("articulated", uv_lens[b], cov[b], lens, robot=robot, joints=q_meas[b],
-                     initial_camera_from_base=T_cb[b], joint_sigma=np.deg2rad(1.0),
-                     camera_prior_sigma=(0.005, 0.005), config=cfg)
-
-    sol_lens = ours_lens(slice(None))
-    lens_err = np.linalg.norm(sol_lens.pose[:, :3, 3].detach().numpy() - ee_true, axis=-1) * 1000
-    t2 = []
-    for b in range(B):
-        t0 = time.perf_counter()
-        ours_lens(slice(b, b + 1))
-        t2.append(time.perf_counter() - t0)
+    _, lens_err, ms_lens = ee_err_and_ms(keypoints=uv_lens, camera=lens)
     P_meas = robot.keypoints_3d(q_meas).numpy()
     T_pnp, cv_s = opencv_method("SQPNP", P_meas, uv.numpy(), K.numpy(), T_cb.numpy())
     pnp_err = np.linalg.norm((torch.as_tensor(T_pnp) @ T_be_meas)[:, :3, 3].numpy() - ee_true, axis=-1) * 1000
@@ -167,9 +160,9 @@ def articulated_case(B: int, g: torch.Generator, cfg: SolverConfig) -> dict:
         "articulated_kinematic_ee_err_mm": float(np.median(kin_err)),
         "articulated_opencv_sqpnp_ee_err_mm": float(np.nanmedian(pnp_err)),
         "articulated_converged_fraction": float(sol.converged.float().mean()),
-        "articulated_ms_per_pose_batch1": statistics.median(t1) * 1000,
+        "articulated_ms_per_pose_batch1": ms1,
         "articulated_lens_ee_err_mm": float(np.median(lens_err)),
-        "articulated_lens_ms_per_pose_batch1": statistics.median(t2) * 1000,
+        "articulated_lens_ms_per_pose_batch1": ms_lens,
         "opencv_sqpnp_ms_per_pose_articulated": cv_s * 1000,
     }
     r["articulated_time_ratio_vs_opencv_sqpnp"] = r["articulated_ms_per_pose_batch1"] / r[
