@@ -289,15 +289,14 @@ class Estimator:
     def _detect_raw(self, image: np.ndarray, roi=None, uv_kin: np.ndarray | None = None):
         net = self.net
         t0 = time.perf_counter()
-        x, (affine,) = self.preprocess.batch(image, [roi])
+        x, affine = self.preprocess(image, roi)
         if net.config.prior_channels:
             uv_in = np.full((net.config.num_keypoints, 2), np.nan)
             if uv_kin is not None:
                 uv_in = (np.asarray(uv_kin, dtype=np.float64) - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
-            x = torch.cat([x, prior_maps(uv_in, self.input_size, self.prior_sigma)[None]], 1)
+            x = torch.cat([x, prior_maps(uv_in, self.input_size, self.prior_sigma)])
         t1 = time.perf_counter()
-        # (the crop comes channels-last from the preprocessor: no copy where the network runs that way)
-        logits = net(x.to(self.device).contiguous(memory_format=self.memory_format))
+        logits = net(x[None].to(self.device).contiguous(memory_format=self.memory_format))
         t2 = time.perf_counter()
         logits = logits.contiguous().double()  # channels-last out of the network on a CPU
         if self.config.keypoint_method == "gaussian_fit":

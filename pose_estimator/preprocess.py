@@ -117,16 +117,6 @@ class Preprocessor:
         x = (crop.astype(np.float32) / 255.0 - MEAN) / STD
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
-    def batch(self, image: np.ndarray, rois: Sequence[Sequence[float] | None]) -> tuple[torch.Tensor, list[np.ndarray]]:
-        """Several crops of one image as one batch: -> (tensor (n, 3, h, w), one affine per crop).
-
-        The tensor's memory is channels-last (the crops' own pixel order), which is how the
-        estimator runs the network on a CPU: no copy on the way in. Values as :meth:`normalize`.
-        """
-        crops, affines = zip(*(self.crop(image, roi) for roi in rois))
-        x = (np.stack(crops).astype(np.float32) / 255.0 - MEAN) / STD  # (n, h, w, 3)
-        return torch.from_numpy(x).permute(0, 3, 1, 2), list(affines)
-
     def __call__(self, image: np.ndarray, roi: Sequence[float] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """-> (tensor (3, h, w), affine 2x3 mapping network-input px to image px)."""
         crop, A = self.crop(image, roi)

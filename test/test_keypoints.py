@@ -145,20 +145,6 @@ def test_preprocess_affine_maps_input_pixels_to_image_pixels(roi):
         assert np.allclose(back, [px, py], atol=0.35 * max(A[0, 0], 1)), (back, (px, py))
 
 
-def test_preprocess_batch_is_channels_last_and_matches_one_crop():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
-    pre = Preprocessor((64, 48))
-    rois = [(10.0, 5.0, 90.0, 110.0), None]
-    x, affines = pre.batch(img, rois)
-    assert x.shape == (2, 3, 64, 48) and x.dtype == torch.float32
-    # the crops' own pixel order: the network's channels-last input without a copy
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    for i, roi in enumerate(rois):
-        xi, Ai = pre(img, roi)
-        assert torch.equal(x[i], xi) and np.array_equal(affines[i], Ai)
-
-
 def test_preprocess_accepts_mono_and_rejects_bad_roi():
     pre = Preprocessor((64, 64))
     x, _ = pre(np.zeros((10, 20), np.uint8))
